@@ -1,0 +1,57 @@
+"""The lifecycle of one JuiceFS volume: the single source of truth for what happens when.
+
+Each state names the action that runs while it is active (an `invoke`, cancelled if the state is
+left early) or on entry; the controller (`fsm.controller.JuiceFS`) is the model that implements
+those actions by calling the adapters. Diagrams in `diagrams/` are drawn from this class.
+"""
+
+from __future__ import annotations
+
+from statemachine import State, StateChart
+
+
+class Lifecycle(StateChart):  # type: ignore[misc]
+    """uninitialized -> restoring_metadata -> [formatting] -> replicating -> mounting -> ready;
+    ready <-> checkpointing / restoring_checkpoint; stop from anywhere; failed on any error."""
+
+    uninitialized = State("Uninitialized", initial=True)
+
+    class active(State.Compound, name="Active"):  # type: ignore[misc]
+        restoring_metadata = State("Restoring metadata", initial=True, invoke="restore_metadata")
+        formatting = State("Formatting", invoke="format_volume")
+        replicating = State("Replicating", invoke="start_replication")
+        mounting = State("Mounting", invoke="mount_volume")
+        ready = State("Ready", enter="announce_ready")
+        checkpointing = State("Checkpointing", invoke="take_checkpoint")
+        restoring_checkpoint = State("Restoring checkpoint", invoke="restore_checkpoint_tree")
+
+        done_invoke_restoring_metadata = restoring_metadata.to(
+            formatting, cond="needs_format"
+        ) | restoring_metadata.to(replicating)
+        done_invoke_formatting = formatting.to(replicating)
+        done_invoke_replicating = replicating.to(mounting)
+        done_invoke_mounting = mounting.to(ready)
+
+        checkpoint = ready.to(checkpointing)
+        done_invoke_checkpointing = checkpointing.to(ready, after="settle_operation")
+        restore = ready.to(restoring_checkpoint)
+        done_invoke_restoring_checkpoint = restoring_checkpoint.to(
+            ready, after="settle_operation"
+        )
+        delete_checkpoint = ready.to(None, on="remove_checkpoint", after="settle_operation")
+
+    stopping = State("Stopping", invoke="shut_down")
+    stopped = State("Stopped", final=True)
+    failed = State("Failed", enter="clean_up")
+
+    start = uninitialized.to(active)
+    stop = active.to(stopping) | failed.to(stopping) | uninitialized.to(stopped)
+    done_invoke_stopping = stopping.to(stopped)
+    error_execution = active.to(failed)
+    mount_lost = active.to(failed)
+    replication_lost = active.to(failed)
+
+
+LEAF_STATES = tuple(
+    s.id for s in Lifecycle.states_map.values() if not s.states
+)

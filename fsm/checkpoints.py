@@ -1,0 +1,86 @@
+"""Checkpoint ids, records and the operation hand-off between callers and the chart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidCheckpointId
+
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+PRE_RESTORE = "pre-restore-"
+
+
+def validate_id(cp_id: object) -> str:
+    """Refuse a bad id before anything touches disk."""
+    if not isinstance(cp_id, str) or not _ID.match(cp_id) or cp_id in {".", ".."}:
+        raise InvalidCheckpointId(
+            f"invalid checkpoint id {cp_id!r}: use 1-200 characters of A-Z, a-z, 0-9, '.', '_' "
+            f"and '-' (not '.' or '..')"
+        )
+    return cp_id
+
+
+def pre_restore_id(cp_id: str, taken: set[str]) -> str:
+    """`pre-restore-<id>-<unix>`, shortened to stay a valid id and made unique."""
+    stamp = str(int(time.time()))
+    room = 200 - len(PRE_RESTORE) - len(stamp) - 4
+    base = f"{PRE_RESTORE}{cp_id[:room]}-{stamp}"
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: str
+    path: Path
+    created_at: datetime
+
+    @property
+    def tree(self) -> Path:
+        """The user's tree as it was at the checkpoint."""
+        return self.path / "fs"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "path": str(self.path), "created_at": self.created_at.isoformat()}
+
+    @classmethod
+    def at(cls, path: Path) -> Checkpoint:
+        mtime = os.stat(path).st_mtime
+        return cls(path.name, path, datetime.fromtimestamp(mtime, tz=timezone.utc))
+
+
+def list_in(directory: Path) -> list[Checkpoint]:
+    found = [Checkpoint.at(Path(e.path)) for e in os.scandir(directory) if e.is_dir()]
+    return sorted(found, key=lambda c: (c.created_at, c.id))
+
+
+@dataclass
+class Operation:
+    """One checkpoint/restore/delete request. The chart's action fills in the outcome; the caller
+    is woken only after the chart is back in `ready` (settle), so a follow-up call never meets a
+    transient state."""
+
+    kind: str
+    cp_id: str
+    result: Any = None
+    error: BaseException | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def settle(self) -> None:
+        self.done.set()
+
+    async def outcome(self) -> Any:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result

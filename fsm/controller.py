@@ -1,0 +1,441 @@
+"""The controller: public asyncio API, and the chart's actions wired to the adapters.
+
+`Lifecycle` (fsm.chart) decides what happens when; this class is its model and implements each
+named action. Nothing here branches on the current state: what is allowed is asked of the chart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import checkpoints as cps
+from .chart import Lifecycle
+from .checkpoints import Checkpoint, Operation
+from .config import Config
+from .errors import (
+    CheckpointExists,
+    CheckpointNotFound,
+    FsmError,
+    MissingPrerequisite,
+    MountLost,
+    NotReadyError,
+    ReplicationLost,
+    StartError,
+    StopError,
+    ToolError,
+)
+from .juicefs import JuiceFSTool
+from .litestream import LitestreamTool
+from .logs import ensure_configured, get_logger
+from .proc import Child
+
+_MOUNT_EXIT_GRACE = 10.0
+
+
+@dataclass(frozen=True)
+class Transition:
+    source: str
+    target: str
+    event: str
+    at: datetime
+    duration_ms: float
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.source, "to": self.target, "event": self.event,
+                "at": self.at.isoformat(), "duration_ms": self.duration_ms,
+                "error": self.error}
+
+
+Observer = Callable[[Transition], None]
+
+
+def _event_name(event: Any) -> str:
+    name = str(getattr(event, "id", event) or "")
+    # done.invoke.<state>.<random id>: keep the stable part.
+    return ".".join(name.split(".")[:3]) if name.startswith("done.invoke.") else name
+
+
+class JuiceFS:
+    """One JuiceFS volume, from restore to stop. Use once: start(), operations, stop()."""
+
+    def __init__(self, config: Config, *, juicefs: JuiceFSTool | None = None,
+                 litestream: LitestreamTool | None = None) -> None:
+        """`juicefs`/`litestream` replace the adapters (the property-based tests pass fakes)."""
+        if not isinstance(config, Config):
+            raise TypeError("JuiceFS() takes a fsm.Config")
+        ensure_configured()
+        self.config = config
+        self.layout = config.layout
+        self.log = get_logger(base_dir=str(config.base_dir), volume=config.volume_name)
+        self.juicefs = juicefs or JuiceFSTool(config, self.log)
+        self.litestream = litestream or LitestreamTool(config, self.log)
+        self._mount: Child | None = None
+        self._replicator: Child | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self._op_lock = asyncio.Lock()
+        self._settled = asyncio.Event()
+        self._error: BaseException | None = None
+        self._failed_stage = ""
+        self._stop_problems: list[str] = []
+        self._leaf = "uninitialized"
+        self._entered_at = time.monotonic()
+        self._since = datetime.now(timezone.utc)
+        self.history: deque[Transition] = deque(maxlen=config.history_size)
+        self._observers: list[Observer] = []
+        self._chart = Lifecycle(model=self, state_field="_chart_configuration")
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """The innermost active state id."""
+        return self._leaf
+
+    @property
+    def since(self) -> datetime:
+        return self._since
+
+    @property
+    def active_dir(self) -> Path:
+        return self.layout.active_dir
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error that sent the controller to `failed`, if any."""
+        return self._error
+
+    @property
+    def pids(self) -> dict[str, int | None]:
+        return {"juicefs": self._mount.pid if self._mount and self._mount.running else None,
+                "litestream": (self._replicator.pid
+                               if self._replicator and self._replicator.running else None)}
+
+    def add_observer(self, observer: Observer) -> None:
+        """Call `observer(transition)` after every transition (sd_notify, status, tests)."""
+        self._observers.append(observer)
+
+    async def start(self) -> None:
+        """Restore, format if needed, replicate, mount; return once the volume is usable."""
+        await self._activate()
+        if self._allowed("start"):
+            await self._chart.send("start")
+        await self._settled.wait()
+        if self.state != "ready":
+            tail = getattr(self._error, "stderr_tail", "")
+            raise StartError(self._failed_stage or self.state, self._error, tail)
+
+    async def stop(self) -> None:
+        """Flush, unmount, stop litestream. Idempotent; lets a running operation finish first."""
+        await self._activate()
+        async with self._op_lock:
+            if self._allowed("stop"):
+                self._settled.clear()
+                await self._chart.send("stop")
+            while not self._chart.is_terminated:
+                self._settled.clear()
+                await self._settled.wait()
+        if self._stop_problems:
+            raise StopError("stop left things behind: " + "; ".join(self._stop_problems))
+
+    async def __aenter__(self) -> JuiceFS:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def checkpoint(self, cp_id: str) -> Checkpoint:
+        """Clone the active tree to checkpoints/<id>; returns once the metadata is replicated."""
+        result: Checkpoint = await self._operate("checkpoint", cps.validate_id(cp_id))
+        return result
+
+    async def restore(self, cp_id: str) -> Checkpoint:
+        """Replace the active tree with checkpoint <id>. The previous tree is kept as the
+        returned checkpoint `pre-restore-<id>-<unix>`."""
+        result: Checkpoint = await self._operate("restore", cps.validate_id(cp_id))
+        return result
+
+    async def delete_checkpoint(self, cp_id: str) -> None:
+        await self._operate("delete_checkpoint", cps.validate_id(cp_id))
+
+    async def list_checkpoints(self) -> list[Checkpoint]:
+        async with self._op_lock:
+            self._require("checkpoint", "list checkpoints")
+            return await asyncio.to_thread(cps.list_in, self.layout.checkpoints_dir)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "since": self._since.isoformat(),
+            "mode": self.config.mode,
+            "base_dir": str(self.config.base_dir),
+            "volume_name": self.config.volume_name,
+            "pids": self.pids,
+            "error": str(self._error) if self._error else None,
+            "transitions": [t.to_json() for t in self.history],
+        }
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    async def _activate(self) -> None:
+        if not self._chart.configuration and not self._chart.is_terminated:
+            await self._chart.activate_initial_state()
+
+    def _allowed(self, event: str) -> bool:
+        return any(e.id == event for e in self._chart.allowed_events)
+
+    def _require(self, event: str, operation: str) -> None:
+        if not self._allowed(event):
+            raise NotReadyError(operation, self.state)
+
+    async def _operate(self, event: str, cp_id: str) -> Any:
+        await self._activate()
+        async with self._op_lock:
+            self._require(event, event.replace("_", " "))
+            op = Operation(event, cp_id)
+            await self._chart.send(event, op=op)
+            return await op.outcome()
+
+    def _cp_path(self, cp_id: str) -> Path:
+        return self.layout.checkpoints_dir / cp_id
+
+    # ---- chart observation ------------------------------------------------------------------
+
+    def on_enter_state(self, state: Any, event: Any, error: BaseException | None = None) -> None:
+        if state.states or _event_name(event) == "__initial__":
+            return  # a compound parent (its leaf entry follows), or activation itself
+        now = time.monotonic()
+        record = Transition(self._leaf, state.id, _event_name(event), datetime.now(timezone.utc),
+                            round((now - self._entered_at) * 1000, 1),
+                            str(error) if error else None)
+        self._leaf, self._entered_at, self._since = state.id, now, record.at
+        self.history.append(record)
+        self.log.info("transition", **{"from": record.source, "to": record.target,
+                                       "trigger": record.event,
+                                       "duration_ms": record.duration_ms},
+                      **({"error": record.error} if record.error else {}))
+        for observer in self._observers:
+            observer(record)
+
+    # ---- chart actions: start -----------------------------------------------------------------
+
+    async def restore_metadata(self) -> None:
+        await asyncio.to_thread(self._prepare_dirs)
+        self.litestream.write_config()
+        if self.layout.metadata_db.exists():
+            self.log.info("metadata_kept", db=str(self.layout.metadata_db),
+                          reason="local metadata.db present")
+            return
+        restored = await self.litestream.restore()
+        self.log.info("metadata_restored" if restored else "metadata_replica_empty",
+                      db=str(self.layout.metadata_db))
+
+    def _prepare_dirs(self) -> None:
+        if not shutil.which("umount") or not os.path.exists("/dev/fuse"):
+            raise MissingPrerequisite(
+                "FUSE is not available: /dev/fuse and umount are needed "
+                "(run as root, or in a container with --device /dev/fuse --cap-add SYS_ADMIN)")
+        lay = self.layout
+        dirs = [lay.base_dir, lay.cache_dir, lay.mount_point]
+        if self.config.local_mode:
+            dirs += [lay.local_storage_dir, lay.litestream_replica_dir]
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+
+    def needs_format(self) -> bool:
+        return self.juicefs.read_format() is None
+
+    async def format_volume(self) -> None:
+        await self.juicefs.format()
+        self.log.info("volume_formatted", volume=self.config.volume_name,
+                      storage=self.config.mode)
+
+    async def start_replication(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.layout.litestream_socket.unlink()  # a leftover would look like a live server
+        child = self.litestream.replicate_child()
+        self._replicator = child
+        await child.start()
+        await self.litestream.wait_serving(child)
+        self._watch(child, "replication_lost", ReplicationLost)
+
+    async def mount_volume(self) -> None:
+        if self.juicefs.is_stale():
+            self.log.warning("stale_mount_cleared", mount_point=str(self.layout.mount_point))
+            await self.juicefs.lazy_unmount()
+        child = self.juicefs.mount_child()
+        self._mount = child
+        await child.start()
+        seconds = await self.juicefs.wait_mounted(child, self.config.ready_timeout)
+        self.log.info("mounted", mount_point=str(self.layout.mount_point), pid=child.pid,
+                      duration_ms=round(seconds * 1000, 1))
+        self._watch(child, "mount_lost", MountLost)
+
+    def announce_ready(self) -> None:
+        # mkdir through FUSE on first start; no-ops on later ones.
+        self.layout.active_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        self._settled.set()
+
+    def _watch(self, child: Child, event: str, error: type[FsmError]) -> None:
+        async def watch() -> None:
+            rc = await child.wait()
+            await self._chart.send(event, error=error(
+                f"{child.tool} (pid {child.pid}) exited with {rc} while in use:\n"
+                f"{child.stderr_tail()}"))
+        self._watchers.append(asyncio.create_task(watch()))
+
+    # ---- chart actions: operations ----------------------------------------------------------
+
+    async def take_checkpoint(self, op: Operation) -> Operation:
+        dst = self._cp_path(op.cp_id)
+        try:
+            if dst.exists():
+                raise CheckpointExists(f"checkpoint {op.cp_id!r} already exists; "
+                                       f"delete it first or choose another id")
+            await self.juicefs.clone(self.layout.active_root, dst)
+            os.utime(dst)  # created_at: the clone copies the active tree's times
+            await self.litestream.sync()
+            op.result = Checkpoint.at(dst)
+            self.log.info("checkpoint_created", id=op.cp_id)
+        except (FsmError, OSError) as exc:
+            op.error = _as_checkpoint_error(exc, f"checkpoint {op.cp_id!r}")
+        return op
+
+    async def restore_checkpoint_tree(self, op: Operation) -> Operation:
+        src = self._cp_path(op.cp_id)
+        active = self.layout.active_root
+        try:
+            if not src.is_dir():
+                raise CheckpointNotFound(f"checkpoint {op.cp_id!r} does not exist; "
+                                         f"list them with list_checkpoints()")
+            taken = {e.name for e in os.scandir(self.layout.checkpoints_dir)}
+            aside = self._cp_path(cps.pre_restore_id(op.cp_id, taken))
+            os.rename(active, aside)
+            try:
+                await self.juicefs.clone(src, active)
+            except BaseException:
+                await self._roll_back_restore(aside)
+                raise
+            os.utime(aside)
+            await self.litestream.sync()
+            op.result = Checkpoint.at(aside)
+            self.log.info("checkpoint_restored", id=op.cp_id, kept_as=aside.name)
+        except (FsmError, OSError) as exc:
+            op.error = _as_checkpoint_error(exc, f"restore of {op.cp_id!r}")
+        return op
+
+    async def _roll_back_restore(self, aside: Path) -> None:
+        """Put the original active tree back; a half-made clone is moved away and removed."""
+        active = self.layout.active_root
+        if active.exists():
+            partial = aside.with_name(f".partial-{aside.name}")
+            os.rename(active, partial)
+            await self.juicefs.rmr(partial)
+        os.rename(aside, active)
+        self.log.warning("restore_rolled_back", kept=str(active))
+
+    async def remove_checkpoint(self, op: Operation) -> None:
+        path = self._cp_path(op.cp_id)
+        try:
+            if not path.is_dir():
+                raise CheckpointNotFound(f"checkpoint {op.cp_id!r} does not exist")
+            await self.juicefs.rmr(path)
+            await self.litestream.sync()
+            self.log.info("checkpoint_deleted", id=op.cp_id)
+        except (FsmError, OSError) as exc:
+            op.error = _as_checkpoint_error(exc, f"delete of {op.cp_id!r}")
+
+    def settle_operation(self, op: Operation | None = None, data: Operation | None = None) -> None:
+        done = data or op
+        if done is not None:
+            done.settle()
+
+    # ---- chart actions: stop and failure ----------------------------------------------------
+
+    async def shut_down(self) -> None:
+        self._stop_problems = await self._teardown()
+        self._settled.set()
+
+    async def clean_up(self, error: BaseException | None = None) -> None:
+        self._error = error
+        self._failed_stage = self.history[-1].source if self.history else self.state
+        self.log.error("failed", stage=self._failed_stage, error=str(error),
+                       error_type=type(error).__name__)
+        problems = await self._teardown()
+        if problems:
+            self.log.error("cleanup_incomplete", problems=problems)
+        self._settled.set()
+
+    async def _teardown(self) -> list[str]:
+        """Unmount (flushing writeback data), then stop litestream (its final sync)."""
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._watchers.clear()
+        problems = await self._unmount()
+        if self._replicator is not None:
+            rc = await self._replicator.terminate(self.config.litestream_stop_timeout)
+            self.log.info("litestream_stopped", pid=self._replicator.pid, rc=rc)
+        return problems
+
+    async def _unmount(self) -> list[str]:
+        mp = self.layout.mount_point
+        if self.juicefs.is_mounted():
+            await self._graceful_unmount()
+        if self._mount is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._mount.wait()), _MOUNT_EXIT_GRACE)
+            except asyncio.TimeoutError:
+                await self._mount.terminate(_MOUNT_EXIT_GRACE)
+        if self.juicefs.is_mounted() or self.juicefs.is_stale():
+            await _best_effort(self.juicefs.lazy_unmount(), self.log, "lazy_unmount")
+        if self.juicefs.is_mounted() or self.juicefs.is_stale():
+            return [f"{mp} is still mounted; run `umount -l {mp}`"]
+        return []
+
+    async def _graceful_unmount(self) -> None:
+        started = time.monotonic()
+        try:
+            await self.juicefs.umount(flush=True, timeout=self.config.flush_timeout)
+            self.log.info("unmounted", flush=True,
+                          duration_ms=round((time.monotonic() - started) * 1000, 1))
+            return
+        except ToolError as exc:
+            self.log.warning("unmount_flush_failed", error=str(exc))
+        # Only after the bounded flush: force may drop staged blocks, so it is the fallback.
+        await _best_effort(self.juicefs.umount(flush=False, force=True, timeout=30),
+                           self.log, "unmount_force")
+
+
+async def _best_effort(step: Any, log: Any, name: str) -> None:
+    """Run a fallback step of teardown: a failure is logged and the next fallback runs."""
+    try:
+        await step
+    except FsmError as exc:
+        log.warning(f"{name}_failed", error=str(exc))
+
+
+def _as_checkpoint_error(exc: BaseException, what: str) -> FsmError:
+    from .errors import CheckpointError
+
+    if isinstance(exc, FsmError):
+        return exc
+    return CheckpointError(f"{what} failed: {exc}")

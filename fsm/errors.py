@@ -1,0 +1,83 @@
+"""Every error juicefs-fsm raises is an FsmError with a message a person can act on."""
+
+from __future__ import annotations
+
+
+class FsmError(Exception):
+    """Base class of all juicefs-fsm errors."""
+
+
+class ConfigError(FsmError, ValueError):
+    """The configuration cannot work; the message says which field and how to fix it."""
+
+
+class MissingPrerequisite(ConfigError):
+    """A binary or device the controller needs is not on this machine."""
+
+
+class ToolError(FsmError):
+    """An external command (juicefs, litestream, umount) failed."""
+
+    def __init__(self, tool: str, action: str, returncode: int | None, stderr_tail: str) -> None:
+        self.tool = tool
+        self.action = action
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        rc = "timed out" if returncode is None else f"exited {returncode}"
+        detail = f"\n{stderr_tail}" if stderr_tail else ""
+        super().__init__(f"{tool} {action} {rc}{detail}")
+
+
+class StartError(FsmError):
+    """start() did not reach ready. `stage` is the state it failed in."""
+
+    def __init__(self, stage: str, cause: BaseException | None, stderr_tail: str = "") -> None:
+        self.stage = stage
+        self.cause = cause
+        self.stderr_tail = stderr_tail
+        what = str(cause) if cause is not None else "start was interrupted by stop()"
+        super().__init__(f"start failed while {stage}: {what}")
+
+
+class StopError(FsmError):
+    """stop() could not leave the volume cleanly unmounted with no child running."""
+
+
+class NotReadyError(FsmError):
+    """An operation was asked for in a state that does not allow it."""
+
+    def __init__(self, operation: str, state: str) -> None:
+        self.operation = operation
+        self.state = state
+        super().__init__(
+            f"cannot {operation} while the volume is {state}; "
+            f"it is allowed only when ready (call start() and wait for it to return)"
+        )
+
+
+class MountLost(FsmError):
+    """The juicefs mount process exited while the volume was in use."""
+
+
+class ReplicationLost(FsmError):
+    """litestream exited and could not be kept running."""
+
+
+class CheckpointError(FsmError):
+    """A checkpoint operation failed; the active tree is unchanged."""
+
+
+class InvalidCheckpointId(CheckpointError, ValueError):
+    """A checkpoint id is not 1-200 characters of [A-Za-z0-9._-], or is '.' or '..'."""
+
+
+class CheckpointExists(CheckpointError):
+    """A checkpoint with this id already exists."""
+
+
+class CheckpointNotFound(CheckpointError):
+    """No checkpoint with this id exists."""
+
+
+class ControlError(FsmError):
+    """The control socket could not be reached or answered with an error."""

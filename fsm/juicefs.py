@@ -1,0 +1,181 @@
+"""Adapter for the `juicefs` binary: format, mount (with ready detection), clone, umount, rmr."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import ToolError
+from .proc import Child, child_env, run
+
+READY_LINE = "is ready at"
+_PROBE_INTERVAL = 0.005
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    return field.encode().decode("unicode_escape")
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at `path`, from /proc/self/mountinfo."""
+    target = os.path.realpath(path)
+    fstype = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as info:
+        for line in info:
+            left, _, right = line.partition(" - ")
+            parts = left.split()
+            if len(parts) > 4 and _unescape_mountinfo(parts[4]) == target:
+                fstype = right.split()[0]  # the last (top-most) mount wins
+    return fstype
+
+
+def is_juicefs_mount(path: Path) -> bool:
+    """True when a live fuse.juicefs mount answers at `path` (its root inode is 1)."""
+    if mount_fstype(path) != "fuse.juicefs":
+        return False
+    try:
+        return os.stat(path).st_ino == 1
+    except OSError:
+        return False
+
+
+def is_stale_mount(path: Path) -> bool:
+    """A FUSE mount whose server is gone: stat fails with ENOTCONN."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def read_format(db: Path) -> dict[str, Any] | None:
+    """The volume's format (jfs_setting row 'format'), or None when the db is not formatted."""
+    if not db.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT value FROM jfs_setting WHERE name = 'format'").fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    if row is None:
+        return None
+    value = json.loads(row[0])
+    return value if isinstance(value, dict) else None
+
+
+def cache_size_mib(cfg: Config) -> int:
+    """80% of the cache filesystem, as the Go package did."""
+    if cfg.cache_size_mib:
+        return cfg.cache_size_mib
+    usage = shutil.disk_usage(cfg.layout.base_dir)
+    return max(1, int(usage.total * 0.8) // (1 << 20))
+
+
+def buffer_size_mib(cfg: Config) -> int:
+    """min(20% of RAM, 1 GiB)."""
+    if cfg.buffer_size_mib:
+        return cfg.buffer_size_mib
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(64, min(int(ram * 0.2) // (1 << 20), 1024))
+
+
+class JuiceFSTool:
+    def __init__(self, cfg: Config, log: Any) -> None:
+        self.cfg = cfg
+        self.layout = cfg.layout
+        self.bin = str(cfg.juicefs_bin)
+        self.log = log.bind(tool="juicefs")
+        extra = {} if cfg.local_mode else {
+            "ACCESS_KEY": cfg.s3_access_key, "SECRET_KEY": cfg.s3_secret_access_key}
+        # Credentials travel in the environment only, never in argv.
+        self.env = child_env(extra)
+        self.secrets = cfg.secrets()
+
+    async def _run(self, action: str, *args: str, timeout: float | None = None) -> str:
+        done = await run("juicefs", action, [self.bin, *args], env=self.env, log=self.log,
+                         secrets=self.secrets, timeout=timeout)
+        return done.stdout
+
+    async def version(self) -> str:
+        return (await self._run("version", "--version")).strip()
+
+    async def format(self) -> None:
+        storage = "file" if self.cfg.local_mode else "s3"
+        await self._run("format", "format", "--storage", storage, "--bucket", self.cfg.bucket_url,
+                        "--no-update", self.layout.meta_url, self.cfg.volume_name)
+
+    def mount_argv(self) -> list[str]:
+        cfg = self.cfg
+        return [
+            self.bin, "mount", self.layout.meta_url, str(self.layout.mount_point),
+            "--writeback",
+            "--cache-dir", str(self.layout.cache_dir),
+            "--cache-size", str(cache_size_mib(cfg)),
+            "--buffer-size", str(buffer_size_mib(cfg)),
+            "--upload-delay", f"{cfg.effective_upload_delay:g}s",
+            "--no-usage-report", "--no-syslog",
+        ]
+
+    def mount_child(self) -> Child:
+        return Child("juicefs", self.mount_argv(), env=self.env, log=self.log,
+                     secrets=self.secrets, on_line=None)
+
+    async def wait_mounted(self, child: Child, timeout: float) -> float:
+        """Wait until the mount is usable. The probe (a fuse.juicefs mount whose root is inode 1)
+        answers ~0.46 s before juicefs prints `is ready at`, so it decides; the line only logs.
+        Returns seconds from spawn to ready."""
+        started = time.monotonic()
+        deadline = started + timeout
+        mp = self.layout.mount_point
+        while not is_juicefs_mount(mp):
+            if not child.running:
+                await child.wait()
+                raise ToolError("juicefs", "mount", child.returncode, child.stderr_tail())
+            if time.monotonic() > deadline:
+                raise ToolError("juicefs", f"mount (not ready after {timeout:g}s)", None,
+                                child.stderr_tail())
+            await asyncio.sleep(_PROBE_INTERVAL)
+        return time.monotonic() - started
+
+    async def clone(self, src: Path, dst: Path) -> None:
+        # --preserve keeps owners and modes (without it the copy becomes the caller's).
+        await self._run("clone", "clone", "--preserve", str(src), str(dst))
+
+    async def rmr(self, path: Path) -> None:
+        await self._run("rmr", "rmr", str(path))
+
+    def read_format(self) -> dict[str, Any] | None:
+        return read_format(self.layout.metadata_db)
+
+    def is_mounted(self) -> bool:
+        return is_juicefs_mount(self.layout.mount_point)
+
+    def is_stale(self) -> bool:
+        return is_stale_mount(self.layout.mount_point)
+
+    async def lazy_unmount(self) -> None:
+        await lazy_unmount(self.layout.mount_point, self.log)
+
+    async def umount(self, *, flush: bool, force: bool = False, timeout: float) -> None:
+        args = ["umount"]
+        if flush:
+            args.append("--flush")
+        if force:
+            args.append("--force")
+        await self._run("umount", *args, str(self.layout.mount_point), timeout=timeout)
+
+
+async def lazy_unmount(path: Path, log: Any) -> None:
+    """Last resort for a stuck or stale FUSE mount: detach it (umount -l)."""
+    await run("umount", "lazy unmount", ["umount", "-l", str(path)], env=child_env(), log=log,
+              timeout=30)

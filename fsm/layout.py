@@ -1,0 +1,73 @@
+"""Where everything lives under base_dir (the Go package's layout, plus our own files)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    base_dir: Path
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.base_dir / "cache"
+
+    @property
+    def rawstaging_dir(self) -> Path:
+        # Writeback blocks not yet uploaded: may hold the only copy of recent writes.
+        return self.cache_dir / "rawstaging"
+
+    @property
+    def local_storage_dir(self) -> Path:
+        return self.base_dir / "local"
+
+    @property
+    def litestream_replica_dir(self) -> Path:
+        return self.base_dir / "litestream"
+
+    @property
+    def metadata_db(self) -> Path:
+        return self.base_dir / "metadata.db"
+
+    @property
+    def meta_url(self) -> str:
+        return f"sqlite3://{self.metadata_db}"
+
+    @property
+    def mount_point(self) -> Path:
+        return self.base_dir / "data"
+
+    @property
+    def active_root(self) -> Path:
+        return self.mount_point / "active"
+
+    @property
+    def active_dir(self) -> Path:
+        return self.active_root / "fs"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.mount_point / "checkpoints"
+
+    @property
+    def litestream_config(self) -> Path:
+        return self.base_dir / "litestream.yml"
+
+    @property
+    def litestream_socket(self) -> Path:
+        return self.base_dir / "litestream.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.base_dir / "fsm.sock"
+
+    @property
+    def state_file(self) -> Path:
+        return self.base_dir / "fsm.state.json"
+
+    @property
+    def set_aside_dir(self) -> Path:
+        # Metadata files moved out of the way instead of being deleted.
+        return self.base_dir / "set-aside"

@@ -1,0 +1,118 @@
+"""Adapter for the `litestream` binary (0.5): config, restore, replicate, sync barrier."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import ToolError
+from .proc import Child, child_env, run
+
+REPLICA_PATH = "juicefs-metadata"
+# Makes litestream 0.5 fail to start its S3 replica ("unable to add custom RootCAs").
+_DROPPED_ENV = ("AWS_CA_BUNDLE",)
+
+
+def _q(value: str) -> str:
+    # A JSON string is a valid YAML scalar, so paths with odd characters stay intact.
+    return json.dumps(value)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write atomically with mode 0600 from the first byte (never briefly world-readable)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class LitestreamTool:
+    def __init__(self, cfg: Config, log: Any) -> None:
+        self.cfg = cfg
+        self.layout = cfg.layout
+        self.bin = str(cfg.litestream_bin)
+        self.log = log.bind(tool="litestream")
+        extra = {} if cfg.local_mode else {
+            "LITESTREAM_ACCESS_KEY_ID": cfg.s3_access_key,
+            "LITESTREAM_SECRET_ACCESS_KEY": cfg.s3_secret_access_key}
+        self.env = child_env(extra, drop=_DROPPED_ENV)
+        self.secrets = cfg.secrets()
+
+    def config_text(self) -> str:
+        lay = self.layout
+        if self.cfg.local_mode:
+            replica = ["      type: file", f"      path: {_q(str(lay.litestream_replica_dir))}"]
+        else:
+            replica = [
+                "      type: s3",
+                f"      endpoint: {_q(self.cfg.s3_endpoint_url)}",
+                f"      bucket: {_q(self.cfg.s3_bucket)}",
+                f"      path: {_q(REPLICA_PATH)}",
+                "      force-path-style: true",
+                # Placeholders expanded by litestream from its own environment.
+                "      access-key-id: ${LITESTREAM_ACCESS_KEY_ID}",
+                "      secret-access-key: ${LITESTREAM_SECRET_ACCESS_KEY}",
+            ]
+        return "\n".join([
+            "# Written by juicefs-fsm; regenerated on every start.",
+            "socket:",
+            "  enabled: true",
+            f"  path: {_q(str(lay.litestream_socket))}",
+            "  permissions: 0600",
+            "dbs:",
+            f"  - path: {_q(str(lay.metadata_db))}",
+            "    replica:",
+            *replica,
+            "",
+        ])
+
+    def write_config(self) -> None:
+        write_private(self.layout.litestream_config, self.config_text())
+
+    async def _run(self, action: str, *args: str, timeout: float | None = None) -> str:
+        done = await run("litestream", action, [self.bin, *args], env=self.env, log=self.log,
+                         secrets=self.secrets, timeout=timeout)
+        return done.stdout
+
+    async def version(self) -> str:
+        return (await self._run("version", "version")).strip()
+
+    async def restore(self) -> bool:
+        """Restore metadata.db from the replica if it has one. True when a db was restored."""
+        await self._run("restore", "restore", "-config", str(self.layout.litestream_config),
+                        "-if-replica-exists", str(self.layout.metadata_db))
+        return self.layout.metadata_db.exists()
+
+    def replicate_child(self) -> Child:
+        return Child("litestream", [self.bin, "replicate", "-config",
+                                    str(self.layout.litestream_config)],
+                     env=self.env, log=self.log, secrets=self.secrets)
+
+    async def wait_serving(self, child: Child, timeout: float = 15.0) -> None:
+        """litestream is replicating once its control socket answers."""
+        deadline = time.monotonic() + timeout
+        sock = self.layout.litestream_socket
+        while not sock.exists():
+            if not child.running:
+                await child.wait()
+                raise ToolError("litestream", "replicate", child.returncode, child.stderr_tail())
+            if time.monotonic() > deadline:
+                raise ToolError("litestream", f"replicate (no control socket after {timeout:g}s)",
+                                None, child.stderr_tail())
+            await asyncio.sleep(0.005)
+
+    async def sync(self, timeout: float = 30.0) -> None:
+        """Durability barrier: returns once the replica holds the db's current transaction."""
+        await self._run("sync", "sync", "-wait", "-timeout", f"{int(timeout)}",
+                        "-socket", str(self.layout.litestream_socket),
+                        str(self.layout.metadata_db), timeout=timeout + 5)

@@ -1,0 +1,167 @@
+"""Owned child processes: spawned, their output forwarded as events, awaited and reaped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import MissingPrerequisite, ToolError
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_LEVEL = re.compile(r"<(DEBUG|INFO|WARNING|ERROR|FATAL)>|level=(DEBUG|INFO|WARN|ERROR)")
+_LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "WARN": "warning",
+           "ERROR": "error", "FATAL": "error"}
+
+LineHook = Callable[[str], None]
+
+
+def clean_line(raw: bytes) -> str:
+    return ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class Child:
+    """One long-running child. Output lines become `child_output` events; the stderr tail is kept
+    for error messages. Started in its own session so a terminal's Ctrl-C reaches only us, and
+    we decide the order in which children stop."""
+
+    def __init__(self, tool: str, argv: list[str], *, env: Mapping[str, str], log: Any,
+                 secrets: Iterable[str] = (), on_line: LineHook | None = None,
+                 capture_stdout: bool = False) -> None:
+        self.tool = tool
+        self.argv = argv
+        self._env = dict(env)
+        self._log = log
+        self._secrets = tuple(secrets)
+        self._on_line = on_line
+        self._tail: deque[str] = deque(maxlen=40)
+        self._capture_stdout = capture_stdout
+        self.stdout_lines: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pumps: list[asyncio.Task[None]] = []
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        return "\n".join(list(self._tail)[-lines:])
+
+    async def start(self) -> None:
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv, env=self._env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)
+        except FileNotFoundError as exc:
+            raise MissingPrerequisite(f"cannot run {self.argv[0]}: {exc}") from exc
+        assert self._proc.stdout and self._proc.stderr
+        self._pumps = [asyncio.create_task(self._pump(self._proc.stdout, "stdout")),
+                       asyncio.create_task(self._pump(self._proc.stderr, "stderr"))]
+        self._log.debug("child_started", tool=self.tool, pid=self._proc.pid, argv=self.argv)
+
+    async def _pump(self, stream: asyncio.StreamReader, name: str) -> None:
+        while raw := await stream.readline():
+            line = redact(clean_line(raw), self._secrets)
+            if not line:
+                continue
+            if name == "stdout" and self._capture_stdout:
+                self.stdout_lines.append(line)
+            elif name == "stderr":
+                self._tail.append(line)
+            match = _LEVEL.search(line)
+            level = _LEVELS[next(g for g in match.groups() if g)] if match else "info"
+            getattr(self._log, level)("child_output", tool=self.tool, pid=self.pid,
+                                      stream=name, line=line)
+            if self._on_line is not None:
+                self._on_line(line)
+
+    async def wait(self) -> int:
+        assert self._proc is not None
+        rc = await self._proc.wait()
+        # Drain the pipes so the stderr tail is complete before anyone reads it.
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        return rc
+
+    def signal(self, sig: int) -> None:
+        if self.running:
+            assert self._proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    async def terminate(self, timeout: float) -> int | None:
+        """SIGTERM, wait up to `timeout`, then SIGKILL. Always reaps."""
+        if self._proc is None:
+            return None
+        if self.running:
+            self.signal(signal.SIGTERM)
+            try:
+                return await asyncio.wait_for(asyncio.shield(self.wait()), timeout)
+            except asyncio.TimeoutError:
+                self._log.warning("child_kill", tool=self.tool, pid=self.pid,
+                                  reason=f"no exit {timeout:.0f}s after SIGTERM")
+                self.signal(signal.SIGKILL)
+        return await self.wait()
+
+    async def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self._proc is not None:
+            await self.wait()
+
+
+@dataclass(frozen=True)
+class Completed:
+    stdout: str
+    stderr: str
+    duration_ms: float
+
+
+async def run(tool: str, action: str, argv: list[str], *, env: Mapping[str, str], log: Any,
+              secrets: Iterable[str] = (), timeout: float | None = None) -> Completed:
+    """Run a command to completion. Killed and reaped if cancelled or timed out;
+    a non-zero exit is a ToolError carrying the stderr tail."""
+    started = time.monotonic()
+    child = Child(tool, argv, env=env, log=log, secrets=secrets, capture_stdout=True)
+    await child.start()
+    try:
+        rc: int | None = await asyncio.wait_for(child.wait(), timeout)
+    except asyncio.TimeoutError:
+        await child.kill()
+        rc = None
+    except asyncio.CancelledError:
+        await child.kill()
+        raise
+    duration_ms = round((time.monotonic() - started) * 1000, 1)
+    log.debug("command_done", tool=tool, action=action, pid=child.pid, rc=rc,
+              duration_ms=duration_ms)
+    if rc != 0:
+        raise ToolError(tool, action, rc, child.stderr_tail())
+    return Completed("\n".join(child.stdout_lines), child.stderr_tail(), duration_ms)
+
+
+def child_env(extra: Mapping[str, str] | None = None, drop: Iterable[str] = ()) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in set(drop)}
+    env.update(extra or {})
+    return env
