@@ -7,16 +7,18 @@ those actions by calling the adapters. Diagrams in `diagrams/` are drawn from th
 
 from __future__ import annotations
 
+from typing import Any
+
 from statemachine import State, StateChart
 
 
-class Lifecycle(StateChart):  # type: ignore[misc]
+class Lifecycle(StateChart[Any]):
     """uninitialized -> restoring_metadata -> [formatting] -> replicating -> mounting -> ready;
     ready <-> checkpointing / restoring_checkpoint; stop from anywhere; failed on any error."""
 
     uninitialized = State("Uninitialized", initial=True)
 
-    class active(State.Compound, name="Active"):  # type: ignore[misc]
+    class active(State.Compound, name="Active"):
         restoring_metadata = State("Restoring metadata", initial=True, invoke="restore_metadata")
         formatting = State("Formatting", invoke="format_volume")
         replicating = State("Replicating", invoke="start_replication")
