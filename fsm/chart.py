@@ -43,7 +43,7 @@ class Lifecycle(StateChart[Any]):
         delete_checkpoint = ready.to(None, on="remove_checkpoint", after="settle_operation")
 
     stopping = State("Stopping", invoke="shut_down")
-    stopped = State("Stopped", final=True)
+    stopped = State("Stopped", final=True, enter="announce_stopped")
     failed = State("Failed", enter="clean_up")
 
     start = uninitialized.to(active)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidCheckpointId
+from .errors import CheckpointError, FsmError, InvalidCheckpointId
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 PRE_RESTORE = "pre-restore-"
@@ -78,6 +80,22 @@ class Operation:
 
     def settle(self) -> None:
         self.done.set()
+
+    @contextlib.contextmanager
+    def capture(self, what: str) -> Iterator[None]:
+        """Record the action's failure as the caller's error. A failed operation leaves the
+        volume usable, so it is not a chart error; an interruption (the volume left `ready`,
+        e.g. the mount died) settles the caller at once so it never waits forever."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.error = CheckpointError(f"{what} was interrupted: the volume left ready")
+            self.settle()
+            raise
+        except FsmError as exc:
+            self.error = exc
+        except OSError as exc:
+            self.error = CheckpointError(f"{what} failed: {exc}")
 
     async def outcome(self) -> Any:
         await self.done.wait()

@@ -1,38 +1,329 @@
-"""`juicefs-fsm` command line: `run` (the daemon), control-socket clients, `diagram`, `demo`."""
+"""`juicefs-fsm` command line: `run` (the daemon), control-socket clients, `diagram`, `demo`.
+
+Client exit codes: 0 done; 1 the daemon refused or the operation failed; 2 usage or
+configuration error; 3 no daemon answers for that base_dir. `run` exits with fsm.daemon.Exit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import ConfigError, FsmError
+
+PROG = "juicefs-fsm"
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_NO_DAEMON = 3
+
+# Config fields settable by `run` flags. Secrets are not among them: argv is world-readable
+# (/proc/<pid>/cmdline), so keys come from the environment or the --config file only.
+_RUN_FIELDS = ("base_dir", "local_mode", "volume_name", "s3_endpoint_url", "s3_bucket",
+               "upload_delay", "ready_timeout", "flush_timeout", "litestream_stop_timeout",
+               "s3_retry_deadline", "cache_size_mib", "buffer_size_mib", "juicefs_bin",
+               "litestream_bin")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (the full usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="juicefs-fsm",
+    parser = _Parser(
+        prog=PROG,
         description="Controller for a JuiceFS volume with Litestream-replicated SQLite metadata.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_clients(sub)
 
     diagram = sub.add_parser("diagram", help="draw the state chart (Mermaid to stdout by default)")
     diagram.add_argument("--format", choices=["mermaid", "dot", "svg", "png"], default="mermaid")
     diagram.add_argument("--output", "-o", default="-", help="file to write, '-' for stdout")
     diagram.add_argument("--base-dir", help="highlight the current state of the daemon there")
+    diagram.set_defaults(handler=_diagram)
 
     demo = sub.add_parser("demo", help="a local-mode walk through start, write, checkpoint, "
                                        "change, restore, stop")
     demo.add_argument("--base-dir", help="where to put the demo volume (default: a temp dir)")
+    demo.set_defaults(handler=_demo)
     return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _add_config_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", default=os.environ.get("FSM_CONFIG") or None,
+                   help="TOML file whose keys are config field names (default: $FSM_CONFIG); "
+                        "flags win over the environment, which wins over the file")
+
+
+def _add_run(sub: Any) -> None:
+    run = sub.add_parser(
+        "run", help="run the volume in the foreground (for systemd, s6, a container)",
+        description="Restore, format if needed, replicate, mount; say READY=1 (sd_notify) and "
+                    "serve {base_dir}/fsm.sock; SIGTERM/SIGINT stops gracefully, a second "
+                    "signal hurries the stop. S3 keys come from the environment "
+                    "(FSM_S3_ACCESS_KEY, FSM_S3_SECRET_ACCESS_KEY or SPRITE_S3_*) or the "
+                    "--config file, never from flags.")
+    _add_config_file(run)
+    run.add_argument("--base-dir", help="the volume's directory (FSM_BASE_DIR)")
+    run.add_argument("--local", dest="local_mode", action=argparse.BooleanOptionalAction,
+                     default=None, help="keep data and the metadata replica on local disk "
+                                        "instead of S3 (FSM_LOCAL_MODE)")
+    run.add_argument("--volume-name", help="JuiceFS volume name, 3-63 of a-z 0-9 - "
+                                           "(FSM_VOLUME_NAME, default juicefs)")
+    run.add_argument("--s3-endpoint-url", help="http(s)://host[:port] (FSM_S3_ENDPOINT_URL)")
+    run.add_argument("--s3-bucket", help="bucket name (FSM_S3_BUCKET)")
+    for name, what in (("upload-delay", "a written block waits before upload "
+                                        "(default 60 in S3 mode, 0 in local mode)"),
+                       ("ready-timeout", "the mount may take to become ready (default 30)"),
+                       ("flush-timeout", "stop waits for writeback data to upload before "
+                                         "force-unmounting (default 300)"),
+                       ("litestream-stop-timeout", "litestream gets for its final sync "
+                                                   "(default 30)"),
+                       ("s3-retry-deadline", "flaky S3 calls are retried (default 60)")):
+        run.add_argument(f"--{name}", type=float, metavar="SECONDS", help=f"seconds {what}")
+    run.add_argument("--cache-size-mib", type=int, metavar="MIB",
+                     help="JuiceFS cache size (default 80%% of the cache filesystem)")
+    run.add_argument("--buffer-size-mib", type=int, metavar="MIB",
+                     help="JuiceFS buffer size (default min(20%% of RAM, 1 GiB))")
+    run.add_argument("--juicefs-bin", metavar="PATH", help="juicefs binary (default: PATH)")
+    run.add_argument("--litestream-bin", metavar="PATH", help="litestream binary (default: PATH)")
+    run.add_argument("--log-format", choices=["auto", "json", "console"],
+                     default=os.environ.get("FSM_LOG_FORMAT") or "auto",
+                     help="auto: JSON lines unless stderr is a terminal (FSM_LOG_FORMAT)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     default=os.environ.get("FSM_LOG_LEVEL") or "info",
+                     help="default info (FSM_LOG_LEVEL)")
+    run.set_defaults(handler=_run)
+
+
+def _add_clients(sub: Any) -> None:
+    def client(name: str, help_text: str, *, with_id: bool, json_flag: bool,
+               handler: Callable[[argparse.Namespace], int]) -> None:
+        p = sub.add_parser(name, help=help_text, description=help_text + " (asks the daemon "
+                           "serving BASE_DIR over {base_dir}/fsm.sock)")
+        if with_id:
+            p.add_argument("id", metavar="ID", help="checkpoint id: 1-200 of A-Z a-z 0-9 . _ -")
+        p.add_argument("--base-dir", help="the daemon's base dir (default: $FSM_BASE_DIR, "
+                                          "then base_dir in --config)")
+        _add_config_file(p)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help="how long to wait for the answer")
+        p.set_defaults(handler=handler)
+
+    client("status", "show the daemon's state, pids, versions and recent transitions",
+           with_id=False, json_flag=True, handler=_status)
+    client("checkpoint", "checkpoint the active tree as ID", with_id=True, json_flag=True,
+           handler=_checkpoint)
+    client("restore", "replace the active tree with checkpoint ID (the current one is kept as "
+           "checkpoint pre-restore-ID-<unix>)", with_id=True, json_flag=True, handler=_restore)
+    client("checkpoints", "list checkpoints", with_id=False, json_flag=True,
+           handler=_checkpoints)
+    client("delete", "delete checkpoint ID", with_id=True, json_flag=False, handler=_delete)
+
+
+# ---- run ---------------------------------------------------------------------------------
+
+def run_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Any:
+    """The daemon's Config: flags > environment > --config file."""
+    from .config import layered
+
+    flags = {name: getattr(args, name) for name in _RUN_FIELDS}
+    return layered(file=args.config, environ=environ, flags=flags)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .daemon import Exit
+    from .daemon import run as run_daemon
+    from .logs import configure
+
+    configure(args.log_format, getattr(logging, args.log_level.upper()))
+    try:
+        cfg = run_config(args)
+    except ConfigError as exc:
+        _say_error(exc)
+        return int(Exit.CONFIG)
+    if args.config:
+        _warn_if_readable(Path(args.config), cfg)
+    return run_daemon(cfg)
+
+
+def _warn_if_readable(path: Path, cfg: Any) -> None:
+    if cfg.secrets() and path.stat().st_mode & 0o077:
+        from .logs import get_logger
+
+        get_logger().warning("config_file_readable_by_others", path=str(path),
+                             fix=f"chmod 600 {path}: it holds S3 keys")
+
+
+# ---- clients -----------------------------------------------------------------------------
+
+def client_base_dir(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Path:
+    """--base-dir, then FSM_BASE_DIR, then base_dir in the --config file."""
+    env = os.environ if environ is None else environ
+    raw = args.base_dir or env.get("FSM_BASE_DIR")
+    if not raw and args.config:
+        from .config import file_values
+
+        raw = file_values(args.config).get("base_dir")
+    if not raw:
+        raise ConfigError("base_dir is required: pass --base-dir or set FSM_BASE_DIR")
+    return Path(raw).expanduser().absolute()
+
+
+def _call(args: argparse.Namespace, op: str, **request: Any) -> Any:
+    from .control import call
+
+    return call(client_base_dir(args), op, timeout=args.timeout, **request)
+
+
+def _checked_id(cp_id: str) -> str:
+    from .checkpoints import validate_id
+
+    return validate_id(cp_id)  # refused here, before a round trip
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = _call(args, "status")
+    if args.json:
+        _print_json(status)
+    else:
+        print(format_status(status))
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    cp = _call(args, "checkpoint", id=_checked_id(args.id))
+    if args.json:
+        _print_json(cp)
+    else:
+        print(f"checkpoint {cp['id']} created at {cp['created_at']}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    kept = _call(args, "restore", id=_checked_id(args.id))
+    if args.json:
+        _print_json(kept)
+    else:
+        print(f"restored {args.id}; the previous tree is kept as checkpoint {kept['id']}")
+    return 0
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    found = _call(args, "checkpoints")
+    if args.json:
+        _print_json(found)
+    elif not found:
+        print("no checkpoints")
+    else:
+        width = max(len(cp["id"]) for cp in found)
+        print(f"{'ID':<{width}}  CREATED_AT")
+        for cp in found:
+            print(f"{cp['id']:<{width}}  {cp['created_at']}")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    _call(args, "delete", id=_checked_id(args.id))
+    print(f"deleted checkpoint {args.id}")
+    return 0
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def format_status(status: dict[str, Any], transitions: int = 10) -> str:
+    """Human-readable status (the --json form has everything)."""
+    since = status.get("since", "")
+    lines = [f"state:       {status.get('state')} since {since}{_ago(since)}",
+             f"volume:      {status.get('volume_name')} ({status.get('mode')} mode)",
+             f"base_dir:    {status.get('base_dir')}"]
+    pids = {**(status.get("pids") or {}), "daemon": (status.get("daemon") or {}).get("pid")}
+    lines.append("pids:        " + ", ".join(f"{k} {v if v else '-'}" for k, v in pids.items()))
+    versions = status.get("versions") or {}
+    lines.append("versions:    " + ", ".join(f"{k} {v or '?'}" for k, v in versions.items()))
+    if status.get("error"):
+        lines.append("error:       " + _one_line(str(status["error"])))
+    recent = (status.get("transitions") or [])[-transitions:]
+    if recent:
+        lines.append("transitions: (oldest first)")
+        for t in recent:
+            lines.append(f"  {t.get('at', '')}  {t.get('from')} -> {t.get('to')}  "
+                         f"[{t.get('event')}, {t.get('duration_ms')} ms]")
+    return "\n".join(lines)
+
+
+def _ago(iso: str) -> str:
+    try:
+        then = datetime.fromisoformat(iso)
+    except ValueError:
+        return ""
+    return f" ({(datetime.now(timezone.utc) - then).total_seconds():.1f} s ago)"
+
+
+# ---- diagram and demo (implemented in their own modules) ---------------------------------
+
+def _diagram(args: argparse.Namespace) -> int:
+    from .diagram import command
+
+    return command(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import command
+
+    return command(args)
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+def _one_line(text: str) -> str:
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _say_error(exc: BaseException) -> None:
+    print(f"{PROG}: error: {_one_line(str(exc)) or type(exc).__name__}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "diagram":
-        from .diagram import command as diagram_command
+    from .control import DaemonUnreachable
 
-        return diagram_command(args)
-    from .demo import command as demo_command
-
-    return demo_command(args)
+    try:
+        code: int = args.handler(args)
+    except DaemonUnreachable as exc:
+        _say_error(exc)
+        return EXIT_NO_DAEMON
+    except ConfigError as exc:
+        _say_error(exc)
+        return EXIT_USAGE
+    except FsmError as exc:
+        _say_error(exc)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return code
 
 
 if __name__ == "__main__":

@@ -174,12 +174,7 @@ class Config:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
         """FSM_* variables (and SPRITE_S3_* for drop-in use); keyword overrides win."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name, keys in ENV_NAMES.items():
-            raw = next((env[k] for k in keys if env.get(k)), None)
-            if raw is not None:
-                values[name] = _convert(name, raw)
+        values = env_values(environ)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "base_dir" not in values:
             raise ConfigError("base_dir is required: set FSM_BASE_DIR or pass --base-dir")
@@ -201,3 +196,68 @@ def _convert(name: str, raw: str) -> Any:
     except ValueError:
         raise ConfigError(f"{ENV_NAMES[name][0]}={raw!r} is not a number") from None
     return raw
+
+
+def env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Config values set in the environment (FSM_*, SPRITE_S3_*), converted to field types."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, keys in ENV_NAMES.items():
+        raw = next((env[k] for k in keys if env.get(k)), None)
+        if raw is not None:
+            values[name] = _convert(name, raw)
+    return values
+
+
+def file_values(path: Path | str) -> dict[str, Any]:
+    """Config values from a TOML file whose keys are Config field names (e.g. `base_dir`,
+    `local_mode = true`, `upload_delay = 5`). Unknown keys and wrong types are ConfigErrors."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(_KINDS))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {path}; known keys: "
+                          + ", ".join(_KINDS))
+    return {name: _checked(name, value, path) for name, value in data.items()}
+
+
+def _checked(name: str, value: Any, path: Path | str) -> Any:
+    kind = str(_KINDS[name])
+    ok: bool
+    if "bool" in kind:
+        ok = isinstance(value, bool)
+        want = "true or false"
+    elif "float" in kind:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "a number"
+    elif "int" in kind:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer"
+    else:
+        ok = isinstance(value, str)
+        want = "a string"
+    if not ok:
+        raise ConfigError(f"{name} in {path} must be {want}, got {value!r}")
+    return float(value) if "float" in kind else value
+
+
+def layered(*, file: Path | str | None = None, environ: Mapping[str, str] | None = None,
+            flags: Mapping[str, Any] | None = None) -> Config:
+    """The daemon's configuration: flags win over the environment, which wins over the file.
+    A flag or file value of None means "not given"."""
+    values: dict[str, Any] = file_values(file) if file else {}
+    values.update(env_values(environ))
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    if not values.get("base_dir"):
+        raise ConfigError("base_dir is required: pass --base-dir, set FSM_BASE_DIR, or put "
+                          "base_dir in the --config file")
+    return Config(**values)

@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +41,8 @@ from .logs import ensure_configured, get_logger
 from .proc import Child
 
 _MOUNT_EXIT_GRACE = 10.0
+# After hurry(): how long a child gets between SIGTERM and SIGKILL.
+_HURRIED_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,12 @@ class JuiceFS:
         self._replicator: Child | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self._op_lock = asyncio.Lock()
-        self._settled = asyncio.Event()
+        self._settled = asyncio.Event()  # start() may return: ready, failed or stopped
+        self._stopped = asyncio.Event()
         self._error: BaseException | None = None
         self._failed_stage = ""
         self._stop_problems: list[str] = []
+        self._hurried = asyncio.Event()
         self._leaf = "uninitialized"
         self._entered_at = time.monotonic()
         self._since = datetime.now(timezone.utc)
@@ -141,13 +145,19 @@ class JuiceFS:
         await self._activate()
         async with self._op_lock:
             if self._allowed("stop"):
-                self._settled.clear()
                 await self._chart.send("stop")
-            while not self._chart.is_terminated:
-                self._settled.clear()
-                await self._settled.wait()
+            await self._stopped.wait()
         if self._stop_problems:
             raise StopError("stop left things behind: " + "; ".join(self._stop_problems))
+
+    def hurry(self) -> None:
+        """Escalate a stop (or failure clean-up) in progress, e.g. on a second SIGTERM: stop
+        waiting for the writeback flush and force-unmount now; children get a SIGTERM and
+        2 s before SIGKILL. Blocks not yet uploaded stay in the cache's
+        rawstaging folder and are uploaded by the next mount."""
+        if not self._hurried.is_set():
+            self.log.warning("stop_hurried", state=self.state)
+        self._hurried.set()
 
     async def __aenter__(self) -> JuiceFS:
         try:
@@ -306,7 +316,7 @@ class JuiceFS:
 
     async def take_checkpoint(self, op: Operation) -> Operation:
         dst = self._cp_path(op.cp_id)
-        try:
+        with op.capture(f"checkpoint {op.cp_id!r}"):
             if dst.exists():
                 raise CheckpointExists(f"checkpoint {op.cp_id!r} already exists; "
                                        f"delete it first or choose another id")
@@ -315,14 +325,12 @@ class JuiceFS:
             await self.litestream.sync()
             op.result = Checkpoint.at(dst)
             self.log.info("checkpoint_created", id=op.cp_id)
-        except (FsmError, OSError) as exc:
-            op.error = _as_checkpoint_error(exc, f"checkpoint {op.cp_id!r}")
         return op
 
     async def restore_checkpoint_tree(self, op: Operation) -> Operation:
         src = self._cp_path(op.cp_id)
         active = self.layout.active_root
-        try:
+        with op.capture(f"restore of {op.cp_id!r}"):
             if not src.is_dir():
                 raise CheckpointNotFound(f"checkpoint {op.cp_id!r} does not exist; "
                                          f"list them with list_checkpoints()")
@@ -338,15 +346,13 @@ class JuiceFS:
             await self.litestream.sync()
             op.result = Checkpoint.at(aside)
             self.log.info("checkpoint_restored", id=op.cp_id, kept_as=aside.name)
-        except (FsmError, OSError) as exc:
-            op.error = _as_checkpoint_error(exc, f"restore of {op.cp_id!r}")
         return op
 
     async def _roll_back_restore(self, aside: Path) -> None:
         """Put the original active tree back; a half-made clone is moved away and removed."""
         active = self.layout.active_root
         if active.exists():
-            partial = aside.with_name(f".partial-{aside.name}")
+            partial = self.layout.mount_point / f".fsm-partial-{aside.name}"
             os.rename(active, partial)
             await self.juicefs.rmr(partial)
         os.rename(aside, active)
@@ -354,14 +360,12 @@ class JuiceFS:
 
     async def remove_checkpoint(self, op: Operation) -> None:
         path = self._cp_path(op.cp_id)
-        try:
+        with op.capture(f"delete of {op.cp_id!r}"):
             if not path.is_dir():
                 raise CheckpointNotFound(f"checkpoint {op.cp_id!r} does not exist")
             await self.juicefs.rmr(path)
             await self.litestream.sync()
             self.log.info("checkpoint_deleted", id=op.cp_id)
-        except (FsmError, OSError) as exc:
-            op.error = _as_checkpoint_error(exc, f"delete of {op.cp_id!r}")
 
     def settle_operation(self, op: Operation | None = None, data: Operation | None = None) -> None:
         done = data or op
@@ -372,11 +376,15 @@ class JuiceFS:
 
     async def shut_down(self) -> None:
         self._stop_problems = await self._teardown()
+
+    def announce_stopped(self) -> None:
         self._settled.set()
+        self._stopped.set()
 
     async def clean_up(self, error: BaseException | None = None) -> None:
         self._error = error
-        self._failed_stage = self.history[-1].source if self.history else self.state
+        self._failed_stage = next(
+            (t.source for t in reversed(self.history) if t.target == "failed"), self.state)
         self.log.error("failed", stage=self._failed_stage, error=str(error),
                        error_type=type(error).__name__)
         problems = await self._teardown()
@@ -386,13 +394,16 @@ class JuiceFS:
 
     async def _teardown(self) -> list[str]:
         """Unmount (flushing writeback data), then stop litestream (its final sync)."""
-        for task in self._watchers:
+        # After mount_lost/replication_lost this runs inside that child's watcher task:
+        # cancelling or awaiting itself would abort the clean-up (and recurse in gather).
+        others = [t for t in self._watchers if t is not asyncio.current_task()]
+        for task in others:
             task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*others, return_exceptions=True)
         self._watchers.clear()
         problems = await self._unmount()
         if self._replicator is not None:
-            rc = await self._replicator.terminate(self.config.litestream_stop_timeout)
+            rc = await self._stop_child(self._replicator, self.config.litestream_stop_timeout)
             self.log.info("litestream_stopped", pid=self._replicator.pid, rc=rc)
         return problems
 
@@ -402,9 +413,12 @@ class JuiceFS:
             await self._graceful_unmount()
         if self._mount is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._mount.wait()), _MOUNT_EXIT_GRACE)
+                exited = await self._unless_hurried(
+                    asyncio.wait_for(asyncio.shield(self._mount.wait()), _MOUNT_EXIT_GRACE))
             except asyncio.TimeoutError:
-                await self._mount.terminate(_MOUNT_EXIT_GRACE)
+                exited = False
+            if not exited:
+                await self._stop_child(self._mount, _MOUNT_EXIT_GRACE)
         if self.juicefs.is_mounted() or self.juicefs.is_stale():
             await _best_effort(self.juicefs.lazy_unmount(), self.log, "lazy_unmount")
         if self.juicefs.is_mounted() or self.juicefs.is_stale():
@@ -414,15 +428,41 @@ class JuiceFS:
     async def _graceful_unmount(self) -> None:
         started = time.monotonic()
         try:
-            await self.juicefs.umount(flush=True, timeout=self.config.flush_timeout)
-            self.log.info("unmounted", flush=True,
-                          duration_ms=round((time.monotonic() - started) * 1000, 1))
-            return
+            if await self._unless_hurried(
+                    self.juicefs.umount(flush=True, timeout=self.config.flush_timeout)):
+                self.log.info("unmounted", flush=True,
+                              duration_ms=round((time.monotonic() - started) * 1000, 1))
+                return
+            self.log.warning("unmount_flush_skipped", reason="stop hurried")
         except ToolError as exc:
             self.log.warning("unmount_flush_failed", error=str(exc))
         # Only after the bounded flush: force may drop staged blocks, so it is the fallback.
         await _best_effort(self.juicefs.umount(flush=False, force=True, timeout=30),
                            self.log, "unmount_force")
+
+
+    async def _stop_child(self, child: Child, timeout: float) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`, or after _HURRIED_GRACE once hurried."""
+        if await self._unless_hurried(child.terminate(timeout)):
+            return child.returncode
+        return await child.terminate(_HURRIED_GRACE)
+
+    async def _unless_hurried(self, step: Awaitable[Any]) -> bool:
+        """Await `step` (its errors propagate); cancel it if hurry() comes first.
+        True when `step` finished."""
+        task = asyncio.ensure_future(step)
+        hurried = asyncio.ensure_future(self._hurried.wait())
+        try:
+            await asyncio.wait({task, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurried.cancel()
+            finished = task.done()
+            if not finished:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if finished:
+            task.result()
+        return finished
 
 
 async def _best_effort(step: Any, log: Any, name: str) -> None:
@@ -431,11 +471,3 @@ async def _best_effort(step: Any, log: Any, name: str) -> None:
         await step
     except FsmError as exc:
         log.warning(f"{name}_failed", error=str(exc))
-
-
-def _as_checkpoint_error(exc: BaseException, what: str) -> FsmError:
-    from .errors import CheckpointError
-
-    if isinstance(exc, FsmError):
-        return exc
-    return CheckpointError(f"{what} failed: {exc}")

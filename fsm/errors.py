@@ -81,3 +81,13 @@ class CheckpointNotFound(CheckpointError):
 
 class ControlError(FsmError):
     """The control socket could not be reached or answered with an error."""
+
+
+class S3Unavailable(FsmError):
+    """S3 could not be reached or is not serving (connection refused, timeout, 5xx): retried
+    until `s3_retry_deadline`."""
+
+
+class S3AccessError(ConfigError):
+    """S3 answered but refused: wrong credentials, no permission, or no such bucket.
+    Not retried: fix the configuration."""

@@ -286,3 +286,22 @@ async def test_litestream_config_is_private_and_holds_no_secret(jfs: JuiceFS) ->
     mode = stat.S_IMODE(jfs.layout.litestream_config.stat().st_mode)
     assert mode == 0o600
     assert "replica:" in jfs.layout.litestream_config.read_text()
+
+
+async def test_a_mount_dying_during_a_checkpoint_fails_the_volume_and_wakes_the_caller(
+        local_config: ConfigFactory, tmp_path: Path) -> None:
+    faulty = _wrapped_juicefs(tmp_path, "clone", "touch \"$(dirname \"$0\")/cloning\"; sleep 3")
+    jfs = JuiceFS(local_config(juicefs_bin=faulty))
+    await jfs.start()
+    pids = [p for p in jfs.pids.values() if p] + mount_pids(jfs.layout.mount_point)
+    checkpointing = asyncio.create_task(jfs.checkpoint("doomed"))
+    while not (tmp_path / "cloning").exists():  # noqa: ASYNC110 - another process writes it
+        await asyncio.sleep(0.01)
+    for pid in mount_pids(jfs.layout.mount_point):
+        os.kill(pid, 9)
+    with pytest.raises(FsmError, match="interrupted"):
+        await asyncio.wait_for(checkpointing, 10)
+    assert jfs.state == "failed"
+    assert "juicefs" in str(jfs.error)
+    await jfs.stop()
+    assert_nothing_left(jfs.layout.base_dir, pids)

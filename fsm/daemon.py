@@ -1,0 +1,215 @@
+"""`juicefs-fsm run`: the foreground daemon an init system (systemd, s6, a container's PID 1)
+supervises.
+
+It binds the control socket (refusing to run twice on one base_dir), starts the volume, says
+READY=1 over sd_notify, serves control requests, and on SIGTERM/SIGINT/SIGHUP stops gracefully
+(flush, unmount, stop litestream). A second signal while stopping hurries the stop: the flush wait
+is abandoned, the mount is force-unmounted, and children get 2 s between SIGTERM and SIGKILL.
+If the mount dies or litestream cannot be kept running, the volume goes to `failed`, is cleaned
+up (lazy unmount of a stale mount, children reaped), and the daemon exits non-zero so the
+supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from datetime import datetime, timezone
+from enum import IntEnum
+from typing import Any
+
+from .config import Config
+from .control import ControlServer
+from .controller import JuiceFS, Transition
+from .errors import ConfigError, ControlError, FsmError, StartError, StopError
+from .sdnotify import Notifier
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Exit(IntEnum):
+    """The daemon's exit codes (documented in docs/systemd.md)."""
+
+    OK = 0          # stopped on request; flushed, unmounted, nothing left running
+    INTERNAL = 1    # a bug: an unexpected exception (traceback in the log)
+    CONFIG = 2      # bad flags/env/TOML, or a missing prerequisite: a restart will not help
+    START = 3       # start failed (cleaned up), or another daemon serves this base_dir
+    FAILED = 4      # failed while running (mount died, litestream lost); cleaned up
+    UNCLEAN = 5     # stop/clean-up left something behind (still mounted, or a child alive)
+    FORCED = 6      # stopped on request, but hurried by a second signal: the flush was skipped
+
+
+class Daemon:
+    """One run of the daemon around one JuiceFS controller."""
+
+    def __init__(self, jfs: JuiceFS, notifier: Notifier) -> None:
+        self.jfs = jfs
+        self.notifier = notifier
+        self.log = jfs.log.bind(component="daemon")
+        self.control = ControlServer(jfs, extra_status=self._extra_status, log=jfs.log)
+        self.versions: dict[str, str | None] = {"juicefs": None, "litestream": None}
+        self._started = time.monotonic()
+        self._started_at = datetime.now(timezone.utc)
+        self._stop_requested = asyncio.Event()
+        self._failed = asyncio.Event()
+        self._signals = 0
+
+    async def run(self) -> int:
+        """Run until stopped or failed; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.jfs.add_observer(self._on_transition)
+        try:
+            try:
+                await self.control.start()
+            except ControlError as exc:
+                self.log.error("daemon_start_failed", error=str(exc))
+                return Exit.START
+            probe = asyncio.create_task(self._probe_versions())
+            try:
+                return await self._lifecycle()
+            finally:
+                probe.cancel()
+                await asyncio.gather(probe, return_exceptions=True)
+                await self.control.close()
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+
+    async def _lifecycle(self) -> int:
+        start = asyncio.create_task(self.jfs.start())
+        stop_requested = asyncio.create_task(self._stop_requested.wait())
+        failed = asyncio.create_task(self._failed.wait())
+        try:
+            reason = await self._until_end(start, stop_requested, failed)
+            clean = await self._finish(reason)
+        except BaseException:
+            await self._emergency_stop()  # a bug must still not leave a mount or a child behind
+            raise
+        finally:
+            stop_requested.cancel()
+            failed.cancel()
+            await asyncio.gather(stop_requested, failed, return_exceptions=True)
+        await asyncio.gather(start, return_exceptions=True)  # stop() has made start() return
+        return self._exit_code(reason, start, clean)
+
+    async def _until_end(self, start: asyncio.Task[None], stop_requested: asyncio.Task[bool],
+                         failed: asyncio.Task[bool]) -> str:
+        """Wait for what ends this run: "stop" (a signal), "start_failed" or "failed"."""
+        await asyncio.wait({start, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if self._stop_requested.is_set():
+            return "stop"
+        if start.exception() is not None:
+            return "start_failed"
+        self._announce_ready()
+        await asyncio.wait({stop_requested, failed}, return_when=asyncio.FIRST_COMPLETED)
+        return "failed" if self._failed.is_set() else "stop"
+
+    async def _finish(self, reason: str) -> bool:
+        """Bring the controller to `stopped`. False when something was left behind."""
+        if reason != "stop":
+            # An operation interrupted by the failure may never answer: drop its request.
+            self.control.cancel_requests()
+            self.notifier.stopping(self.jfs.state)
+        try:
+            await self.jfs.stop()
+        except StopError as exc:
+            self.log.error("daemon_stop_unclean", error=str(exc))
+            return False
+        return True
+
+    async def _emergency_stop(self) -> None:
+        try:
+            await self.jfs.stop()
+        except FsmError as exc:
+            self.log.error("daemon_stop_unclean", error=str(exc))
+
+    def _exit_code(self, reason: str, start: asyncio.Task[None], clean: bool) -> Exit:
+        if not clean:
+            code = Exit.UNCLEAN
+        elif reason == "failed":
+            self.log.error("daemon_exit_after_failure", error=str(self.jfs.error))
+            code = Exit.FAILED
+        elif reason == "start_failed":
+            code = self._start_failure(start.exception())
+        else:
+            code = Exit.FORCED if self._signals > 1 else Exit.OK
+        self.log.info("daemon_exit", exit_code=int(code), reason=reason,
+                      uptime_s=round(time.monotonic() - self._started, 1))
+        return code
+
+    def _start_failure(self, exc: BaseException | None) -> Exit:
+        if not isinstance(exc, StartError):
+            raise RuntimeError("start() failed unexpectedly") from exc
+        self.log.error("daemon_start_failed", stage=exc.stage, error=str(exc))
+        return Exit.CONFIG if isinstance(exc.cause, ConfigError) else Exit.START
+
+    # ---- notifications and signals ------------------------------------------------------
+
+    def _announce_ready(self) -> None:
+        self.notifier.ready(self.jfs.state)
+        self.log.info("daemon_ready", active_dir=str(self.jfs.active_dir),
+                      socket=str(self.control.path),
+                      duration_ms=round((time.monotonic() - self._started) * 1000, 1))
+
+    def _on_transition(self, transition: Transition) -> None:
+        self.notifier.status(transition.target)
+        if transition.target == "failed":
+            self._failed.set()
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        name = signal.Signals(sig).name
+        if self._signals == 1:
+            self.log.info("stop_requested", signal=name, state=self.jfs.state)
+            self.notifier.stopping(self.jfs.state)
+            self._stop_requested.set()
+        elif self._signals == 2:
+            self.log.warning("stop_escalated", signal=name, state=self.jfs.state,
+                             effect="skip the flush wait, force-unmount, SIGKILL children "
+                                    "after 2 s")
+            self.control.cancel_requests()
+            self.jfs.hurry()
+        else:
+            self.log.warning("signal_ignored", signal=name, reason="stop already escalated")
+
+    # ---- status -------------------------------------------------------------------------
+
+    async def _probe_versions(self) -> None:
+        """Once per run: status requests must not spawn processes."""
+        tools = {"juicefs": self.jfs.juicefs.version(), "litestream": self.jfs.litestream.version()}
+        results = await asyncio.gather(*tools.values(), return_exceptions=True)
+        for name, result in zip(tools, results, strict=True):
+            if isinstance(result, BaseException):
+                self.log.warning("version_probe_failed", tool=name, error=str(result))
+            else:
+                self.versions[name] = _short_version(result)
+
+    def _extra_status(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "versions": {"juicefs-fsm": __version__, **self.versions},
+            "daemon": {"pid": os.getpid(), "started_at": self._started_at.isoformat(),
+                       "uptime_s": round(time.monotonic() - self._started, 1)},
+        }
+
+
+def _short_version(text: str) -> str:
+    """`juicefs version 1.4.2+2026-...` -> `1.4.2+2026-...`; `v0.5.17` stays."""
+    last = text.strip().splitlines()[-1] if text.strip() else ""
+    return last.removeprefix("juicefs version ").strip()
+
+
+async def serve(cfg: Config) -> int:
+    """Run the daemon for `cfg` in the current event loop."""
+    notifier = Notifier.from_env()
+    return await Daemon(JuiceFS(cfg), notifier).run()
+
+
+def run(cfg: Config) -> int:
+    return asyncio.run(serve(cfg))
