@@ -155,12 +155,12 @@ def _run(args: argparse.Namespace) -> int:
     from .daemon import run as run_daemon
     from .logs import configure
 
-    configure(args.log_format, getattr(logging, args.log_level.upper()))
     try:
         cfg = run_config(args)
     except ConfigError as exc:
         _say_error(exc)
         return int(Exit.CONFIG)
+    configure(args.log_format, getattr(logging, args.log_level.upper()))
     if args.config:
         _warn_if_readable(Path(args.config), cfg)
     return run_daemon(cfg)

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from . import checkpoints as cps
+from . import s3
 from .chart import Lifecycle
 from .checkpoints import Checkpoint, Operation
 from .config import Config
@@ -39,6 +40,7 @@ from .juicefs import JuiceFSTool
 from .litestream import LitestreamTool
 from .logs import ensure_configured, get_logger
 from .proc import Child
+from .retry import classify_tool_error, with_s3_retries
 
 _MOUNT_EXIT_GRACE = 10.0
 # After hurry(): how long a child gets between SIGTERM and SIGKILL.
@@ -84,6 +86,7 @@ class JuiceFS:
         self.juicefs = juicefs or JuiceFSTool(config, self.log)
         self.litestream = litestream or LitestreamTool(config, self.log)
         self._mount: Child | None = None
+        self._retired_mounts: list[Child] = []  # handed the mount over to a remount
         self._replicator: Child | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self._op_lock = asyncio.Lock()
@@ -228,9 +231,12 @@ class JuiceFS:
 
     # ---- chart observation ------------------------------------------------------------------
 
-    def on_enter_state(self, state: Any, event: Any, error: BaseException | None = None) -> None:
+    def on_enter_state(self, state: Any, event: Any, error: BaseException | None = None,
+                       data: Any = None) -> None:
         if state.states or _event_name(event) == "__initial__":
             return  # a compound parent (its leaf entry follows), or activation itself
+        # A failed checkpoint/restore returns to ready with its error in the Operation (`data`).
+        error = error or getattr(data, "error", None)
         now = time.monotonic()
         record = Transition(self._leaf, state.id, _event_name(event), datetime.now(timezone.utc),
                             round((now - self._entered_at) * 1000, 1),
@@ -249,13 +255,42 @@ class JuiceFS:
     async def restore_metadata(self) -> None:
         await asyncio.to_thread(self._prepare_dirs)
         self.litestream.write_config()
-        if self.layout.metadata_db.exists():
+        if not self.config.local_mode:
+            # Fails fast on wrong credentials or a missing bucket; waits out an outage.
+            await self._with_s3("S3 bucket check", self._check_bucket, check_first=False)
+            if await asyncio.to_thread(s3.keep_or_set_aside, self.config, self.log):
+                await asyncio.to_thread(s3.make_private, self.layout)
+                return
+        elif self.layout.metadata_db.exists():
             self.log.info("metadata_kept", db=str(self.layout.metadata_db),
                           reason="local metadata.db present")
             return
-        restored = await self.litestream.restore()
+        restored = await self._with_s3("metadata restore", self.litestream.restore)
+        await asyncio.to_thread(s3.make_private, self.layout)
         self.log.info("metadata_restored" if restored else "metadata_replica_empty",
                       db=str(self.layout.metadata_db))
+
+    async def _check_bucket(self) -> None:
+        await s3.check_bucket(s3.target_of(self.config))
+
+    async def _with_s3(self, what: str, step: Callable[[], Awaitable[Any]], *,
+                       check_first: bool = True) -> Any:
+        """Run a step that needs S3; in S3 mode, check the bucket before each attempt (ms,
+        where the tools' own SDK retries take seconds to minutes) and retry while S3 is
+        unavailable, up to s3_retry_deadline (fsm.retry)."""
+        if self.config.local_mode:
+            return await step()
+
+        async def attempt() -> Any:
+            if check_first:
+                await self._check_bucket()
+            try:
+                return await step()
+            except ToolError as exc:
+                raise classify_tool_error(exc) from exc
+
+        return await with_s3_retries(what, attempt, deadline=self.config.s3_retry_deadline,
+                                     log=self.log)
 
     def _prepare_dirs(self) -> None:
         if not shutil.which("umount") or not os.path.exists("/dev/fuse"):
@@ -273,7 +308,16 @@ class JuiceFS:
         return self.juicefs.read_format() is None
 
     async def format_volume(self) -> None:
-        await self.juicefs.format()
+        # juicefs stores the credentials in the format: create the db owner-only first.
+        db = self.layout.metadata_db
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+        try:
+            await self._with_s3("format", self.juicefs.format)
+        except BaseException:
+            if db.stat().st_size == 0:
+                db.unlink()  # only the empty placeholder made above: nothing to keep
+            raise
+        await asyncio.to_thread(s3.make_private, self.layout)
         self.log.info("volume_formatted", volume=self.config.volume_name,
                       storage=self.config.mode)
 
@@ -283,8 +327,8 @@ class JuiceFS:
         child = self.litestream.replicate_child()
         self._replicator = child
         await child.start()
-        await self.litestream.wait_serving(child)
-        self._watch(child, "replication_lost", ReplicationLost)
+        # Its control socket takes litestream ~25 ms: mount_volume waits for it alongside the
+        # mount (~70 ms) rather than before it (bench/, BENCHMARKS.md).
 
     async def mount_volume(self) -> None:
         if self.juicefs.is_stale():
@@ -293,9 +337,14 @@ class JuiceFS:
         child = self.juicefs.mount_child()
         self._mount = child
         await child.start()
-        seconds = await self.juicefs.wait_mounted(child, self.config.ready_timeout)
+        replicator = self._replicator
+        assert replicator is not None  # replicating comes before mounting
+        seconds, _ = await _together(
+            self.juicefs.wait_mounted(child, self.config.ready_timeout),
+            self.litestream.wait_serving(replicator))
         self.log.info("mounted", mount_point=str(self.layout.mount_point), pid=child.pid,
                       duration_ms=round(seconds * 1000, 1))
+        self._watch(replicator, "replication_lost", ReplicationLost)
         self._watch(child, "mount_lost", MountLost)
 
     def announce_ready(self) -> None:
@@ -403,6 +452,7 @@ class JuiceFS:
         self._watchers.clear()
         problems = await self._unmount()
         if self._replicator is not None:
+            problems += await self._final_sync()
             rc = await self._stop_child(self._replicator, self.config.litestream_stop_timeout)
             self.log.info("litestream_stopped", pid=self._replicator.pid, rc=rc)
         return problems
@@ -419,6 +469,8 @@ class JuiceFS:
                 exited = False
             if not exited:
                 await self._stop_child(self._mount, _MOUNT_EXIT_GRACE)
+        for retired in self._retired_mounts:
+            await self._stop_child(retired, _MOUNT_EXIT_GRACE)  # normally exited already
         if self.juicefs.is_mounted() or self.juicefs.is_stale():
             await _best_effort(self.juicefs.lazy_unmount(), self.log, "lazy_unmount")
         if self.juicefs.is_mounted() or self.juicefs.is_stale():
@@ -427,6 +479,7 @@ class JuiceFS:
 
     async def _graceful_unmount(self) -> None:
         started = time.monotonic()
+        await self._unless_hurried(self._flush_writeback())
         try:
             if await self._unless_hurried(
                     self.juicefs.umount(flush=True, timeout=self.config.flush_timeout)):
@@ -440,6 +493,71 @@ class JuiceFS:
         await _best_effort(self.juicefs.umount(flush=False, force=True, timeout=30),
                            self.log, "unmount_force")
 
+
+    async def _final_sync(self) -> list[str]:
+        """Replicate the last transactions before litestream stops: its own final sync on
+        SIGTERM was seen to upload nothing when it had run for less than a second."""
+        if self._replicator is None or not self._replicator.running:
+            return []
+        started = time.monotonic()
+        try:
+            if await self._unless_hurried(
+                    self.litestream.sync(timeout=self.config.litestream_stop_timeout)):
+                self.log.info("final_sync_done",
+                              duration_ms=round((time.monotonic() - started) * 1000, 1))
+            else:
+                # litestream's own final sync on SIGTERM still runs.
+                self.log.warning("final_sync_skipped", reason="stop hurried")
+            return []
+        except FsmError as exc:
+            self.log.warning("final_sync_failed", error=str(exc))
+            return [f"the final metadata sync failed ({exc}); the local metadata.db has "
+                    f"everything, start again to replicate it"]
+
+    async def _flush_writeback(self) -> None:
+        """Upload staged blocks now instead of after upload_delay: `umount --flush` alone sits
+        the delay out (about two minutes for 60 s). JuiceFS's seamless remount hands the FUSE
+        session to a second `juicefs mount` with --upload-delay 0, which uploads every staged
+        block at once. Any failure leaves the plain `umount --flush` to do the job."""
+        if self.config.effective_upload_delay <= 0 or self._mount is None:
+            return
+        started = time.monotonic()
+        old = self._mount
+        new = self.juicefs.mount_child(upload_delay=0)
+        try:
+            await new.start()
+            self._mount, self._retired_mounts = new, [*self._retired_mounts, old]
+            await self.juicefs.wait_taken_over(new, self.config.ready_timeout)
+            self.log.info("flush_remounted", pid=new.pid, old_pid=old.pid,
+                          duration_ms=round((time.monotonic() - started) * 1000, 1))
+            await self._wait_uploaded(started)
+        except (FsmError, OSError) as exc:
+            self.log.warning("flush_remount_failed", error=str(exc))
+            if not new.running and old.running:
+                self._mount = old
+                self._retired_mounts = [c for c in self._retired_mounts if c is not old] + [new]
+
+    async def _wait_uploaded(self, started: float) -> None:
+        """Until no block is staged (bounded by flush_timeout); progress as events."""
+        last: dict[str, int] = {}
+        logged = 0.0
+        while True:
+            left = await self.juicefs.staging()
+            now = time.monotonic()
+            done = left["blocks"] == 0 and left["writing"] == 0
+            if done or (left != last and now - logged >= 0.5) or now - logged >= 5:
+                self.log.info("flush_progress", blocks_left=left["blocks"],
+                              bytes_left=left["bytes"], blocks_writing=left["writing"],
+                              elapsed_ms=round((now - started) * 1000, 1))
+                last, logged = left, now
+            if done:
+                self.log.info("flush_done", duration_ms=round((now - started) * 1000, 1))
+                return
+            if now - started > self.config.flush_timeout:
+                self.log.warning("flush_incomplete", blocks_left=left["blocks"],
+                                 bytes_left=left["bytes"], timeout_s=self.config.flush_timeout)
+                return
+            await asyncio.sleep(0.1)
 
     async def _stop_child(self, child: Child, timeout: float) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`, or after _HURRIED_GRACE once hurried."""
@@ -463,6 +581,21 @@ class JuiceFS:
         if finished:
             task.result()
         return finished
+
+
+async def _together(*steps: Awaitable[Any]) -> list[Any]:
+    """Await the steps concurrently; the first failure cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()  # no-op once done; all of them if we are being cancelled
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc
+    return [task.result() for task in tasks]
 
 
 async def _best_effort(step: Any, log: Any, name: str) -> None:

@@ -114,7 +114,7 @@ class Daemon:
         if reason != "stop":
             # An operation interrupted by the failure may never answer: drop its request.
             self.control.cancel_requests()
-            self.notifier.stopping(self.jfs.state)
+            self.notifier.stopping()
         try:
             await self.jfs.stop()
         except StopError as exc:
@@ -166,7 +166,7 @@ class Daemon:
         name = signal.Signals(sig).name
         if self._signals == 1:
             self.log.info("stop_requested", signal=name, state=self.jfs.state)
-            self.notifier.stopping(self.jfs.state)
+            self.notifier.stopping()
             self._stop_requested.set()
         elif self._signals == 2:
             self.log.warning("stop_escalated", signal=name, state=self.jfs.state,
@@ -193,6 +193,7 @@ class Daemon:
         from . import __version__
 
         return {
+            "active_dir": str(self.jfs.active_dir),
             "versions": {"juicefs-fsm": __version__, **self.versions},
             "daemon": {"pid": os.getpid(), "started_at": self._started_at.isoformat(),
                        "uptime_s": round(time.monotonic() - self._started, 1)},

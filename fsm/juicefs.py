@@ -100,6 +100,7 @@ class JuiceFSTool:
         # Credentials travel in the environment only, never in argv.
         self.env = child_env(extra)
         self.secrets = cfg.secrets()
+        self.ready_line = asyncio.Event()  # set when juicefs prints "is ready at"
 
     async def _run(self, action: str, *args: str, timeout: float | None = None) -> str:
         done = await run("juicefs", action, [self.bin, *args], env=self.env, log=self.log,
@@ -114,25 +115,35 @@ class JuiceFSTool:
         await self._run("format", "format", "--storage", storage, "--bucket", self.cfg.bucket_url,
                         "--no-update", self.layout.meta_url, self.cfg.volume_name)
 
-    def mount_argv(self) -> list[str]:
+    def mount_argv(self, upload_delay: float | None = None) -> list[str]:
+        """`upload_delay` overrides the configured one (the flush remount at stop uses 0)."""
         cfg = self.cfg
+        delay = cfg.effective_upload_delay if upload_delay is None else upload_delay
         return [
             self.bin, "mount", self.layout.meta_url, str(self.layout.mount_point),
             "--writeback",
             "--cache-dir", str(self.layout.cache_dir),
             "--cache-size", str(cache_size_mib(cfg)),
             "--buffer-size", str(buffer_size_mib(cfg)),
-            "--upload-delay", f"{cfg.effective_upload_delay:g}s",
+            "--upload-delay", f"{delay:g}s",
             "--no-usage-report", "--no-syslog",
         ]
 
-    def mount_child(self) -> Child:
-        return Child("juicefs", self.mount_argv(), env=self.env, log=self.log,
-                     secrets=self.secrets, on_line=None)
+    def mount_child(self, upload_delay: float | None = None) -> Child:
+        self.ready_line = asyncio.Event()
+
+        def watch_line(line: str) -> None:
+            if READY_LINE in line:
+                self.log.info("mount_ready_line", line=line)
+                self.ready_line.set()
+
+        return Child("juicefs", self.mount_argv(upload_delay), env=self.env, log=self.log,
+                     secrets=self.secrets, on_line=watch_line)
 
     async def wait_mounted(self, child: Child, timeout: float) -> float:
         """Wait until the mount is usable. The probe (a fuse.juicefs mount whose root is inode 1)
-        answers ~0.46 s before juicefs prints `is ready at`, so it decides; the line only logs.
+        answers ~0.46 s before juicefs prints `is ready at`, so it decides; the line (the
+        predecessors' only signal) wakes the probe at once but never counts on its own.
         Returns seconds from spawn to ready."""
         started = time.monotonic()
         deadline = started + timeout
@@ -144,7 +155,9 @@ class JuiceFSTool:
             if time.monotonic() > deadline:
                 raise ToolError("juicefs", f"mount (not ready after {timeout:g}s)", None,
                                 child.stderr_tail())
-            await asyncio.sleep(_PROBE_INTERVAL)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ready_line.wait(), _PROBE_INTERVAL)
+            self.ready_line.clear()  # one wake-up per line, not a busy loop after it
         return time.monotonic() - started
 
     async def clone(self, src: Path, dst: Path) -> None:
@@ -156,6 +169,41 @@ class JuiceFSTool:
 
     def read_format(self) -> dict[str, Any] | None:
         return read_format(self.layout.metadata_db)
+
+    def mount_info(self) -> dict[str, Any]:
+        """`<mp>/.config`: the serving mount's options; `Pid` serves FUSE, `PPid` supervises."""
+        info = json.loads((self.layout.mount_point / ".config").read_text())
+        return info if isinstance(info, dict) else {}
+
+    async def wait_taken_over(self, child: Child, timeout: float) -> float:
+        """Wait until `child` (a second `juicefs mount` on the same mount point: JuiceFS's
+        seamless remount) serves the mount, i.e. `.config` names it as the supervisor.
+        Returns seconds waited."""
+        started = time.monotonic()
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                if (await asyncio.to_thread(self.mount_info)).get("PPid") == child.pid:
+                    return time.monotonic() - started
+            if not child.running:
+                await child.wait()
+                raise ToolError("juicefs", "remount", child.returncode, child.stderr_tail())
+            if time.monotonic() - started > timeout:
+                raise ToolError("juicefs", f"remount (no takeover after {timeout:g}s)", None,
+                                child.stderr_tail())
+            await asyncio.sleep(0.02)
+
+    async def staging(self) -> dict[str, int]:
+        """Writeback blocks not yet uploaded, from `<mp>/.stats`: `blocks`, `bytes`, and
+        `writing` (blocks still being written to the staging folder)."""
+        text = await asyncio.to_thread((self.layout.mount_point / ".stats").read_text)
+        metrics: dict[str, float] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                metrics[name] = float(value)
+        return {"blocks": int(metrics.get("juicefs_staging_blocks", 0)),
+                "bytes": int(metrics.get("juicefs_staging_block_bytes", 0)),
+                "writing": int(metrics.get("juicefs_staging_writing_blocks", 0))}
 
     def is_mounted(self) -> bool:
         return is_juicefs_mount(self.layout.mount_point)

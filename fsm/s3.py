@@ -1,9 +1,13 @@
-"""A small S3 client of our own (stdlib only): a SigV4-signed request, used to check the bucket.
+"""S3 mode: a small S3 client of our own, and whose metadata a start should use.
 
-Why not the juicefs/litestream binaries for this: their SDKs retry internally for a long time
-(`litestream restore` against a closed port took ~4 minutes, `juicefs format` ~12 s), and a wrong
-secret comes back buried in a stderr tail. One signed request answers in milliseconds and says
-precisely whether the problem is transient (connection refused, timeout, 5xx) or not (403, 404).
+The client (stdlib only) sends one SigV4-signed request to check the bucket. Why not the
+juicefs/litestream binaries: their SDKs retry internally for a long time (`litestream restore`
+against a closed port took ~4 minutes, `juicefs format` ~12 s), and a wrong secret comes back
+buried in a stderr tail. One signed request answers in milliseconds and says whether the
+problem is transient (connection refused, timeout, 5xx) or not (403, 404).
+
+At start, the local metadata.db is kept only when its format names the configured bucket;
+otherwise it is moved under set-aside/ (never deleted) and litestream restores the bucket's copy.
 """
 
 from __future__ import annotations
@@ -13,13 +17,19 @@ import contextlib
 import hashlib
 import hmac
 import http.client
+import os
 import re
 import ssl
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
+from .config import Config
 from .errors import S3AccessError, S3Unavailable
+from .juicefs import read_format
+from .layout import Layout
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 DEFAULT_REGION = "us-east-1"
@@ -200,3 +210,82 @@ def list_keys_sync(target: S3Target, prefix: str = "", timeout: float = 10.0) ->
     with contextlib.suppress(UnicodeDecodeError):
         return re.findall(r"<Key>([^<]+)</Key>", answer.body.decode())
     return []
+
+
+# ---- S3 mode at start: whose metadata is this? ------------------------------------------------
+
+def target_of(cfg: Config) -> S3Target:
+    return S3Target(cfg.s3_endpoint_url, cfg.s3_bucket, cfg.s3_access_key,
+                    cfg.s3_secret_access_key)
+
+
+def same_bucket(stored: str, configured: str) -> bool:
+    """JuiceFS keeps --bucket as given; compare ignoring a trailing slash and the case of the
+    scheme and host (the bucket name itself is case-sensitive)."""
+    def norm(url: str) -> tuple[str, str, str]:
+        parts = urllib.parse.urlsplit(url.strip().rstrip("/"))
+        return parts.scheme.lower(), parts.netloc.lower(), parts.path
+    return norm(stored) == norm(configured)
+
+
+def metadata_files(layout: Layout) -> list[Path]:
+    """metadata.db and what SQLite and litestream keep beside it."""
+    db = layout.metadata_db
+    candidates = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"),
+                  db.with_name(f".{db.name}-litestream")]
+    return [p for p in candidates if p.exists() or p.is_symlink()]
+
+
+def set_aside(layout: Layout) -> Path:
+    """Move the metadata files into a new folder under set-aside/ (kept, never deleted)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    folder = layout.set_aside_dir / f"metadata-{stamp}"
+    folder.mkdir(mode=0o700, parents=True)
+    os.chmod(layout.set_aside_dir, 0o700)
+    for path in metadata_files(layout):
+        os.rename(path, folder / path.name)
+    return folder
+
+
+def keep_or_set_aside(cfg: Config, log: Any) -> bool:
+    """Keep the local metadata.db only when its format names the configured bucket; otherwise
+    move it aside so litestream restores the bucket's copy. True when a db was kept.
+    Writeback blocks (cache/<uuid>/rawstaging) are left where they are: they are keyed by the
+    volume's UUID, so another volume never uploads them, and the old one finds them again."""
+    layout = cfg.layout
+    db = layout.metadata_db
+    if not db.exists():
+        leftovers = metadata_files(layout)
+        if leftovers:  # a WAL or litestream state without its db would confuse the restore
+            folder = set_aside(layout)
+            log.warning("metadata_leftovers_set_aside", files=[p.name for p in leftovers],
+                        moved_to=str(folder))
+        log.info("metadata_absent", db=str(db))
+        return False
+    fmt = read_format(db)
+    found = str(fmt.get("Bucket", "")) if fmt else ""
+    if found and same_bucket(found, cfg.bucket_url):
+        log.info("metadata_kept", db=str(db), reason="bucket matches", bucket=found,
+                 volume=fmt.get("Name") if fmt else None)
+        return True
+    reason = (f"it belongs to bucket {found}, not {cfg.bucket_url}" if found
+              else "it is not a formatted JuiceFS database")
+    folder = set_aside(layout)
+    log.warning("metadata_set_aside", db=str(db), reason=reason, found_bucket=found or None,
+                configured_bucket=cfg.bucket_url, moved_to=str(folder))
+    return False
+
+
+def make_private(layout: Layout) -> None:
+    """metadata.db holds the volume's format, credentials included: owner-only. SQLite gives
+    its -wal/-shm files the database's mode."""
+    for path in metadata_files(layout):
+        if path.is_dir():
+            os.chmod(path, 0o700)
+            for root, dirs, files in os.walk(path):
+                for name in dirs:
+                    os.chmod(os.path.join(root, name), 0o700)
+                for name in files:
+                    os.chmod(os.path.join(root, name), 0o600)
+        else:
+            os.chmod(path, 0o600)

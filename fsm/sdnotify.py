@@ -75,8 +75,8 @@ class Notifier:
     def status(self, status: str) -> bool:
         return self.notify(STATUS=status)
 
-    def stopping(self, status: str = "stopping") -> bool:
-        return self.notify(STOPPING=1, STATUS=status)
+    def stopping(self) -> bool:
+        return self.notify(STOPPING=1)
 
     def close(self) -> None:
         if self._sock is not None:

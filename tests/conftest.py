@@ -9,6 +9,8 @@ import pytest
 from fsm import Config, JuiceFS
 from tests.helpers import assert_nothing_left, require_fuse
 
+pytest_plugins = ["tests.s3_server"]  # s3_server, s3_bucket, s3_config fixtures
+
 
 @pytest.fixture
 def fuse() -> None:

