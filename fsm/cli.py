@@ -22,6 +22,8 @@ PROG = "juicefs-fsm"
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_NO_DAEMON = 3
+_LOG_FORMATS = ("auto", "json", "console")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Config fields settable by `run` flags. Secrets are not among them: argv is world-readable
 # (/proc/<pid>/cmdline), so keys come from the environment or the --config file only.
@@ -29,6 +31,16 @@ _RUN_FIELDS = ("base_dir", "local_mode", "volume_name", "s3_endpoint_url", "s3_b
                "upload_delay", "ready_timeout", "flush_timeout", "litestream_stop_timeout",
                "s3_retry_deadline", "cache_size_mib", "buffer_size_mib", "juicefs_bin",
                "litestream_bin")
+
+
+_RUN_EPILOG = """\
+signals: SIGTERM, SIGINT or SIGHUP stops gracefully (flush, unmount, stop litestream);
+  a second one hurries the stop (skip the flush wait, force-unmount, SIGKILL after 2 s);
+  a third abandons a stuck stop (SIGKILL children, lazy unmount).
+exit codes: 0 stopped; 1 internal error; 2 configuration error; 3 start failed or another
+  daemon serves BASE_DIR; 4 failed while running (mount or replication lost); 5 something
+  was left behind or the stop was abandoned; 6 stopped, but hurried (flush skipped).
+See docs/systemd.md."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,20 +87,20 @@ def _add_config_file(p: argparse.ArgumentParser) -> None:
 def _add_run(sub: Any) -> None:
     run = sub.add_parser(
         "run", help="run the volume in the foreground (for systemd, s6, a container)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_RUN_EPILOG,
         description="Restore, format if needed, replicate, mount; say READY=1 (sd_notify) and "
-                    "serve {base_dir}/fsm.sock; SIGTERM/SIGINT stops gracefully, a second "
-                    "signal hurries the stop. S3 keys come from the environment "
-                    "(FSM_S3_ACCESS_KEY, FSM_S3_SECRET_ACCESS_KEY or SPRITE_S3_*) or the "
+                    "serve {base_dir}/fsm.sock.\nS3 keys come from the environment "
+                    "(FSM_S3_ACCESS_KEY, FSM_S3_SECRET_ACCESS_KEY or SPRITE_S3_*) or the\n"
                     "--config file, never from flags.")
     _add_config_file(run)
-    run.add_argument("--base-dir", help="the volume's directory (FSM_BASE_DIR)")
+    run.add_argument("--base-dir", metavar="DIR", help="the volume's directory (FSM_BASE_DIR)")
     run.add_argument("--local", dest="local_mode", action=argparse.BooleanOptionalAction,
                      default=None, help="keep data and the metadata replica on local disk "
                                         "instead of S3 (FSM_LOCAL_MODE)")
-    run.add_argument("--volume-name", help="JuiceFS volume name, 3-63 of a-z 0-9 - "
+    run.add_argument("--volume-name", metavar="NAME", help="JuiceFS volume name, 3-63 of a-z 0-9 - "
                                            "(FSM_VOLUME_NAME, default juicefs)")
-    run.add_argument("--s3-endpoint-url", help="http(s)://host[:port] (FSM_S3_ENDPOINT_URL)")
-    run.add_argument("--s3-bucket", help="bucket name (FSM_S3_BUCKET)")
+    run.add_argument("--s3-endpoint-url", metavar="URL", help="http(s)://host[:port] (FSM_S3_ENDPOINT_URL)")
+    run.add_argument("--s3-bucket", metavar="NAME", help="bucket name (FSM_S3_BUCKET)")
     for name, what in (("upload-delay", "a written block waits before upload "
                                         "(default 60 in S3 mode, 0 in local mode)"),
                        ("ready-timeout", "the mount may take to become ready (default 30)"),
@@ -104,10 +116,10 @@ def _add_run(sub: Any) -> None:
                      help="JuiceFS buffer size (default min(20%% of RAM, 1 GiB))")
     run.add_argument("--juicefs-bin", metavar="PATH", help="juicefs binary (default: PATH)")
     run.add_argument("--litestream-bin", metavar="PATH", help="litestream binary (default: PATH)")
-    run.add_argument("--log-format", choices=["auto", "json", "console"],
+    run.add_argument("--log-format", choices=_LOG_FORMATS,
                      default=os.environ.get("FSM_LOG_FORMAT") or "auto",
                      help="auto: JSON lines unless stderr is a terminal (FSM_LOG_FORMAT)")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+    run.add_argument("--log-level", choices=_LOG_LEVELS,
                      default=os.environ.get("FSM_LOG_LEVEL") or "info",
                      help="default info (FSM_LOG_LEVEL)")
     run.set_defaults(handler=_run)
@@ -156,18 +168,29 @@ def _run(args: argparse.Namespace) -> int:
     from .logs import configure
 
     try:
+        _check_choice("--log-format / FSM_LOG_FORMAT", args.log_format, _LOG_FORMATS)
+        _check_choice("--log-level / FSM_LOG_LEVEL", args.log_level, _LOG_LEVELS)
         cfg = run_config(args)
     except ConfigError as exc:
         _say_error(exc)
         return int(Exit.CONFIG)
-    configure(args.log_format, getattr(logging, args.log_level.upper()))
+    configure(args.log_format, getattr(logging, args.log_level.upper()), stdlib=True)
     if args.config:
-        _warn_if_readable(Path(args.config), cfg)
+        _warn_if_readable(Path(args.config))
     return run_daemon(cfg)
 
 
-def _warn_if_readable(path: Path, cfg: Any) -> None:
-    if cfg.secrets() and path.stat().st_mode & 0o077:
+def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
+    # argparse checks choices on flags only, not on defaults taken from the environment.
+    if value not in choices:
+        raise ConfigError(f"{what} is {value!r}; use one of {', '.join(choices)}")
+
+
+def _warn_if_readable(path: Path) -> None:
+    from .config import file_values
+
+    has_keys = {"s3_access_key", "s3_secret_access_key"} & set(file_values(path))
+    if has_keys and path.stat().st_mode & 0o077:
         from .logs import get_logger
 
         get_logger().warning("config_file_readable_by_others", path=str(path),

@@ -32,6 +32,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "upload_delay": ("FSM_UPLOAD_DELAY",),
     "ready_timeout": ("FSM_READY_TIMEOUT",),
     "flush_timeout": ("FSM_FLUSH_TIMEOUT",),
+    "litestream_stop_timeout": ("FSM_LITESTREAM_STOP_TIMEOUT",),
     "s3_retry_deadline": ("FSM_S3_RETRY_DEADLINE",),
     "cache_size_mib": ("FSM_CACHE_SIZE_MIB",),
     "buffer_size_mib": ("FSM_BUFFER_SIZE_MIB",),

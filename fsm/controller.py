@@ -459,12 +459,17 @@ class JuiceFS:
 
     async def _unmount(self) -> list[str]:
         mp = self.layout.mount_point
-        if self.juicefs.is_mounted():
+        unmounted = self.juicefs.is_mounted()
+        if unmounted:
             await self._graceful_unmount()
-        if self._mount is not None:
+        # pid is None when stop came before the mount process was spawned.
+        if self._mount is not None and self._mount.pid is not None:
+            # A mount still coming up (stop during `mounting`) was not unmounted, so it will
+            # not exit by itself: SIGTERM it at once instead of waiting out the grace.
+            grace = _MOUNT_EXIT_GRACE if unmounted else 0.0
             try:
                 exited = await self._unless_hurried(
-                    asyncio.wait_for(asyncio.shield(self._mount.wait()), _MOUNT_EXIT_GRACE))
+                    asyncio.wait_for(asyncio.shield(self._mount.wait()), grace))
             except asyncio.TimeoutError:
                 exited = False
             if not exited:
@@ -500,9 +505,15 @@ class JuiceFS:
         if self._replicator is None or not self._replicator.running:
             return []
         started = time.monotonic()
+        replicator = self._replicator
+
+        async def serving_then_sync() -> None:
+            # Stopped during start, litestream may not serve its control socket yet.
+            await self.litestream.wait_serving(replicator)
+            await self.litestream.sync(timeout=self.config.litestream_stop_timeout)
+
         try:
-            if await self._unless_hurried(
-                    self.litestream.sync(timeout=self.config.litestream_stop_timeout)):
+            if await self._unless_hurried(serving_then_sync()):
                 self.log.info("final_sync_done",
                               duration_ms=round((time.monotonic() - started) * 1000, 1))
             else:

@@ -4,7 +4,9 @@ supervises.
 It binds the control socket (refusing to run twice on one base_dir), starts the volume, says
 READY=1 over sd_notify, serves control requests, and on SIGTERM/SIGINT/SIGHUP stops gracefully
 (flush, unmount, stop litestream). A second signal while stopping hurries the stop: the flush wait
-is abandoned, the mount is force-unmounted, and children get 2 s between SIGTERM and SIGKILL.
+is abandoned, the mount is force-unmounted, and children get 2 s between SIGTERM and SIGKILL. A
+third signal abandons a stop that is stuck: children's process groups are SIGKILLed, the mount
+point lazily unmounted, and the daemon exits 5.
 If the mount dies or litestream cannot be kept running, the volume goes to `failed`, is cleaned
 up (lazy unmount of a stale mount, children reaped), and the daemon exits non-zero so the
 supervisor restarts it.
@@ -13,6 +15,7 @@ supervisor restarts it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -24,6 +27,7 @@ from .config import Config
 from .control import ControlServer
 from .controller import JuiceFS, Transition
 from .errors import ConfigError, ControlError, FsmError, StartError, StopError
+from .juicefs import lazy_unmount, mount_fstype
 from .sdnotify import Notifier
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -54,6 +58,7 @@ class Daemon:
         self._started_at = datetime.now(timezone.utc)
         self._stop_requested = asyncio.Event()
         self._failed = asyncio.Event()
+        self._abandoned = asyncio.Event()
         self._signals = 0
 
     async def run(self) -> int:
@@ -115,12 +120,43 @@ class Daemon:
             # An operation interrupted by the failure may never answer: drop its request.
             self.control.cancel_requests()
             self.notifier.stopping()
+        stop = asyncio.create_task(self.jfs.stop())
+        abandon = asyncio.create_task(self._abandoned.wait())
+        await asyncio.wait({stop, abandon}, return_when=asyncio.FIRST_COMPLETED)
+        abandon.cancel()
+        if not stop.done():
+            stop.cancel()
+            await asyncio.gather(stop, abandon, return_exceptions=True)
+            await self._abandon()
+            return False
         try:
-            await self.jfs.stop()
+            stop.result()
         except StopError as exc:
             self.log.error("daemon_stop_unclean", error=str(exc))
             return False
         return True
+
+    async def _abandon(self) -> None:
+        """Third signal: the stop itself is stuck. Kill the children's process groups (the
+        juicefs supervisor and its FUSE server share one) and detach the mount point."""
+        pids = [pid for pid in self.jfs.pids.values() if pid]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        mount_point = self.jfs.layout.mount_point
+        if mount_fstype(mount_point) is not None:
+            try:
+                await lazy_unmount(mount_point, self.log)
+            except FsmError as exc:
+                self.log.error("lazy_unmount_failed", error=str(exc))
+        self.log.error("stop_abandoned", killed_process_groups=pids)
+        # Let the stuck actions unwind (their one-shot commands are killed on cancel) and the
+        # killed children be reaped while the loop still runs.
+        stuck = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in stuck:
+            task.cancel()
+        if stuck:
+            await asyncio.wait(stuck, timeout=5)
 
     async def _emergency_stop(self) -> None:
         try:
@@ -174,8 +210,11 @@ class Daemon:
                                     "after 2 s")
             self.control.cancel_requests()
             self.jfs.hurry()
+        elif self._signals == 3:
+            self.log.error("stop_abandon_requested", signal=name, state=self.jfs.state)
+            self._abandoned.set()
         else:
-            self.log.warning("signal_ignored", signal=name, reason="stop already escalated")
+            self.log.warning("signal_ignored", signal=name, reason="stop already abandoned")
 
     # ---- status -------------------------------------------------------------------------
 

@@ -11,8 +11,11 @@ import structlog
 LogFormat = Literal["auto", "json", "console"]
 
 
-def configure(fmt: LogFormat = "auto", level: int = logging.INFO) -> None:
-    """Configure structlog for the process (the CLI does this; embedders may bring their own)."""
+def configure(fmt: LogFormat = "auto", level: int = logging.INFO, *,
+              stdlib: bool = False) -> None:
+    """Configure structlog for the process (the CLI does this; embedders may bring their own).
+    `stdlib=True` also renders records of the standard logging module (asyncio's warnings, for
+    one) the same way, so a daemon's stderr stays one JSON object per line."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -31,6 +34,23 @@ def configure(fmt: LogFormat = "auto", level: int = logging.INFO) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    if stdlib:
+        _route_stdlib_logging(renderer, level)
+
+
+def _route_stdlib_logging(renderer: Any, level: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name,
+                           structlog.processors.add_log_level,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer]))
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not getattr(h, "_fsm", False)]
+    handler._fsm = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def ensure_configured() -> None:

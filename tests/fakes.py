@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from fsm.config import Config
-from fsm.errors import ToolError
+from fsm.errors import MissingPrerequisite, ToolError
 
 # The steps a test can make fail or hold (the async ones; holding needs an await).
 FAULTS = {
     "litestream.restore": "restoring_metadata",
     "juicefs.format": "formatting",
-    "litestream.wait_serving": "replicating",    # litestream exits before serving
+    "litestream.wait_serving": "mounting",       # litestream exits before serving
     "juicefs.wait_mounted": "mounting",          # the mount exits before it is ready
     "juicefs.mount_timeout": "mounting",         # not ready in time; the process stays up
     "juicefs.clone": "checkpointing/restoring_checkpoint",
@@ -38,8 +38,9 @@ FAULTS = {
     "juicefs.umount": "stopping/failed (flush fails; force is the fallback)",
 }
 
-START_FAULTS = ("litestream.restore", "juicefs.format", "litestream.wait_serving",
-                "juicefs.wait_mounted", "juicefs.mount_timeout")
+START_FAULTS = ("litestream.restore", "juicefs.format", "litestream.start",
+                "litestream.wait_serving", "juicefs.start", "juicefs.wait_mounted",
+                "juicefs.mount_timeout")
 
 # Which chart states may run each recorded step: the state whose action owns it.
 TEARDOWN = frozenset({"stopping", "failed"})
@@ -50,15 +51,19 @@ OWNERS: dict[str, frozenset[str]] = {
     "juicefs.format": frozenset({"formatting"}),
     "litestream.replicate_child": frozenset({"replicating"}),
     "litestream.start": frozenset({"replicating"}),
-    "litestream.wait_serving": frozenset({"replicating"}),
+    # Awaited alongside the mount (fsm.controller.mount_volume), and before the final sync.
+    "litestream.wait_serving": frozenset({"mounting"}) | TEARDOWN,
     "juicefs.is_stale": frozenset({"mounting"}) | TEARDOWN,
     "juicefs.lazy_unmount": frozenset({"mounting"}) | TEARDOWN,
-    "juicefs.mount_child": frozenset({"mounting"}),
-    "juicefs.start": frozenset({"mounting"}),
+    # Teardown starts a second mount that takes the FUSE session over to flush writeback data.
+    "juicefs.mount_child": frozenset({"mounting"}) | TEARDOWN,
+    "juicefs.start": frozenset({"mounting"}) | TEARDOWN,
+    "juicefs.wait_taken_over": TEARDOWN,
+    "juicefs.staging": TEARDOWN,
     "juicefs.wait_mounted": frozenset({"mounting"}),
     "juicefs.clone": frozenset({"checkpointing", "restoring_checkpoint"}),
     "juicefs.rmr": frozenset({"ready", "restoring_checkpoint"}),
-    "litestream.sync": frozenset({"checkpointing", "restoring_checkpoint", "ready"}),
+    "litestream.sync": frozenset({"checkpointing", "restoring_checkpoint", "ready"}) | TEARDOWN,
     "juicefs.is_mounted": TEARDOWN,
     "juicefs.umount": TEARDOWN,
     "juicefs.terminate": TEARDOWN,
@@ -98,7 +103,7 @@ class World:
         self.faults[step] = message
 
     def hold(self, step: str) -> None:
-        """The next time `step` runs, it waits (after recording) until `let_go()`."""
+        """The next call of `step` waits (after recording) until `let_go()`."""
         self.hold_at, self.reached, self.release = step, asyncio.Event(), asyncio.Event()
 
     def let_go(self) -> None:
@@ -134,6 +139,7 @@ class World:
         """Record a step; wait if it is held; return the injected fault's message, if any."""
         self.record(step)
         if self.hold_at == step and self.reached is not None and self.release is not None:
+            self.hold_at = None  # once: a later call of the same step (teardown) runs on
             self.reached.set()
             await self.release.wait()
         return self.faults.pop(step, None)
@@ -164,7 +170,8 @@ class FakeChild:
         return f"fake {self.tool} stderr (pid {self._pid})"
 
     async def start(self) -> None:
-        self.world.record(f"{self.tool}.start")
+        if message := await self.world.step(f"{self.tool}.start"):
+            raise MissingPrerequisite(f"cannot run {self.tool}: {message}")
         self._pid = self.world.next_pid()
         self.world.children.append(self)
 
@@ -212,9 +219,24 @@ class FakeJuiceFS:
         self.world.formatted = True
         self.layout.metadata_db.write_text("fake metadata")
 
-    def mount_child(self) -> FakeChild:
+    def mount_child(self, upload_delay: float | None = None) -> FakeChild:
         self.world.record("juicefs.mount_child")
         return FakeChild(self.world, "juicefs")
+
+    async def wait_taken_over(self, child: Any, timeout: float) -> float:
+        """The seamless remount: `child` now serves the mount and the old process exits."""
+        await self.world.step("juicefs.wait_taken_over")
+        if not self.world.mounted or not child.running:
+            raise _fail("juicefs", "mount (take-over)", child.stderr_tail(), child.returncode)
+        old, self.world.server = self.world.server, child
+        if old is not None:
+            old.exit(0)
+        return 0.001
+
+    async def staging(self) -> dict[str, int]:
+        """Blocks not uploaded yet: none, the fake volume has no object storage."""
+        await self.world.step("juicefs.staging")
+        return {"blocks": 0, "bytes": 0, "writing": 0}
 
     async def wait_mounted(self, child: Any, timeout: float) -> float:
         message = await self.world.step("juicefs.wait_mounted")

@@ -149,6 +149,20 @@ class LifecycleMachine(RuleBasedStateMachine):
         except asyncio.TimeoutError:
             raise AssertionError(f"never happened: {what} (state {self.c.state})") from None
 
+    def settle(self, what: str) -> None:
+        """Wait for the controller to go quiet: no adapter call for many turns of the loop.
+        After a process dies nothing public signals the end of the clean-up in `failed`
+        (stop() would), and the fakes never sleep, so quiet means done."""
+        quiet = {"turns": 0, "calls": -1}
+
+        def still() -> bool:
+            if len(self.world.calls) != quiet["calls"]:
+                quiet["turns"], quiet["calls"] = 0, len(self.world.calls)
+            quiet["turns"] += 1
+            return quiet["turns"] > 100
+
+        self.spin_until(still, what)
+
     def token(self, step: str) -> str:
         return f"injected failure #{next(self.tokens)} in {step}"
 
@@ -162,7 +176,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             pending = asyncio.all_tasks(self.loop)
             for task in pending:
                 task.cancel()
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                self.loop.run_until_complete(asyncio.wait(pending))
             self.loop.run_until_complete(self.loop.shutdown_default_executor())
         finally:
             self.loop.close()
@@ -190,7 +205,7 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def assert_failed_with(self, token: str, exc: BaseException | None) -> None:
         assert exc is not None and token in str(exc), f"caller not told: {exc!r}"
-        self.spin_until(lambda: not self.world.leftovers(), "clean-up after failure")
+        self.settle("clean-up after failure")
         assert self.c.state == "failed"
         assert token in str(self.c.error)
         recorded = [t for t in self.taken if t.target == "failed"]
@@ -231,8 +246,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert all(self.c.pids.values())
 
     @precondition(lambda self: self.jfs is not None and self.c.state == "uninitialized")
-    @rule(stage=st.sampled_from(["litestream.restore", "juicefs.format",
-                                 "litestream.wait_serving", "juicefs.wait_mounted"]),
+    @rule(stage=st.sampled_from(["litestream.restore", "juicefs.format", "litestream.start",
+                                 "juicefs.start", "litestream.wait_serving",
+                                 "juicefs.wait_mounted"]),
           then=st.sampled_from(["stop", "operate", "lose_litestream", "lose_mount", "hurry"]))
     def interrupted_start(self, stage: str, then: str) -> None:
         """Hold start at one step, then act while the chart sits in that step's state."""
@@ -268,13 +284,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.world.let_go()
             _, exc = self.attempt(starting)  # type: ignore[arg-type]
             assert isinstance(exc, StartError) and self.c.state == "failed", exc
-            self.spin_until(lambda: not self.world.leftovers(), "clean-up after failure")
+            self.settle("clean-up after failure")
         elif then == "lose_mount" and mount is not None:
             mount.exit(1)
             self.world.let_go()
             _, exc = self.attempt(starting)  # type: ignore[arg-type]
             assert isinstance(exc, StartError) and self.c.state == "failed", exc
-            self.spin_until(lambda: not self.world.leftovers(), "clean-up after failure")
+            self.settle("clean-up after failure")
         else:
             self.world.let_go()
             self.run(starting)
@@ -382,9 +398,9 @@ class LifecycleMachine(RuleBasedStateMachine):
           then=st.sampled_from(["stop", "lose_mount", "lose_litestream", "another"]))
     def interrupted_operation(self, operation: str, then: str) -> None:
         """Hold an operation in its adapter step, then stop, lose a process, or queue another."""
-        cp_id = "held"
-        if operation != "checkpoint":
-            self.checkpoint(cp_id, None) if cp_id not in self.volume.checkpoints else None
+        cp_id = f"held-{next(self.tokens)}" if operation == "checkpoint" else "held"
+        if operation != "checkpoint" and cp_id not in self.volume.checkpoints:
+            self.checkpoint(cp_id, None)
         self.world.hold("juicefs.rmr" if operation == "delete_checkpoint" else "juicefs.clone")
         running = self.loop.create_task(getattr(self.c, operation)(cp_id))
         reached = self.world.reached
@@ -411,9 +427,18 @@ class LifecycleMachine(RuleBasedStateMachine):
         child = next(c for c in self.world.running()
                      if c.tool == ("juicefs" if then == "lose_mount" else "litestream"))
         child.exit(1)
-        _, exc = self.attempt(running)  # type: ignore[arg-type]
-        assert exc is not None and "interrupted" in str(exc), exc
-        self.spin_until(lambda: not self.world.leftovers(), "clean-up after failure")
+        if operation == "delete_checkpoint":
+            # Delete is a transition action, run inside the chart's step (not an invoke, which
+            # leaving the state cancels): the loss is handled once it returns.
+            self.world.let_go()
+            _, exc = self.attempt(running)  # type: ignore[arg-type]
+            assert exc is not None, "delete succeeded without a mount or a replicator"
+            if then == "lose_litestream":  # removed; only the sync barrier failed
+                del self.volume.checkpoints[cp_id]
+        else:
+            _, exc = self.attempt(running)  # type: ignore[arg-type]
+            assert exc is not None and "interrupted" in str(exc), exc
+        self.settle("clean-up after failure")
         assert self.c.state == "failed"
         assert self.taken[-1].target == "failed" and self.taken[-1].error
         self.world.let_go()
@@ -434,8 +459,8 @@ class LifecycleMachine(RuleBasedStateMachine):
     def process_dies_while_ready(self, tool: str, rc: int) -> None:
         child = next(c for c in self.world.running() if c.tool == tool)
         child.exit(rc)
-        self.spin_until(lambda: self.c.state == "failed" and not self.world.leftovers(),
-                        f"{tool} death noticed and cleaned up")
+        self.spin_until(lambda: self.c.state == "failed", f"{tool} death noticed")
+        self.settle("clean-up after failure")
         lost = self.taken[-1]
         assert lost.event == ("mount_lost" if tool == "juicefs" else "replication_lost")
         assert lost.error and f"exited with {rc}" in lost.error

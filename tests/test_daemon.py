@@ -119,7 +119,11 @@ class RunningDaemon:
         return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
 
     def log_events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.stderr_path.read_text().splitlines()]
+        """stderr is not a TTY: every line must be a JSON object."""
+        lines = self.stderr_path.read_text().splitlines()
+        stray = [line for line in lines if not line.startswith("{")]
+        assert not stray, "non-JSON lines on stderr:\n" + "\n".join(stray[:20])
+        return [json.loads(line) for line in lines]
 
     def clean_up(self) -> None:
         """Whatever the test did: no daemon, no child, no mount afterwards."""
@@ -308,3 +312,26 @@ def test_sigint_during_start_stops_with_exit_0_and_leaves_nothing(start_daemon: 
     assert "READY" not in {key for m in daemon.messages for key in m}
     assert daemon.statuses()[-2:] == ["stopping", "stopped"]
     assert_nothing_left(daemon.base_dir, daemon.pids)
+
+
+def test_a_third_signal_abandons_a_stuck_stop_and_still_leaves_nothing(
+        start_daemon: Any, tmp_path: Path) -> None:
+    # Fault injection: a juicefs whose `umount` hangs (flush and force alike). A real juicefs
+    # cannot be made to hang on demand; every other subcommand runs the real binary.
+    real = Path(sys.executable).parent / "juicefs"
+    hanging = tmp_path / "juicefs-hanging-umount"
+    hanging.write_text(f'#!/bin/sh\n[ "$1" = umount ] && exec sleep 300\nexec "{real}" "$@"\n')
+    hanging.chmod(0o755)
+    daemon = start_daemon("--juicefs-bin", str(hanging), "--flush-timeout", "120")
+    daemon.wait_notified("READY", "1")
+    daemon.remember_children()
+
+    for _ in range(2):  # stop, then hurry: both get stuck in the hanging umount
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert daemon.proc.poll() is None
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.wait_exit(15) == Exit.UNCLEAN
+    assert "stop_abandoned" in {e["event"] for e in daemon.log_events()}
+    assert_nothing_left(daemon.base_dir, daemon.pids)
+    os.stat(daemon.base_dir / "data")

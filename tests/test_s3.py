@@ -11,7 +11,7 @@ import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ def captured_logs() -> Iterator[list[dict[str, Any]]]:
     saved = structlog.get_config()
     events: list[dict[str, Any]] = []
 
-    def keep(_logger: Any, level: str, event: dict[str, Any]) -> Any:
+    def keep(_logger: Any, level: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
         events.append({**event, "level": level})
         raise structlog.DropEvent
 
@@ -330,8 +330,9 @@ def environ_of(pid: int | None) -> bytes:
     return Path(f"/proc/{pid}/environ").read_bytes()
 
 
-def assert_private(base_dir: Path, secrets: list[bytes]) -> None:
+def assert_private(base_dir: Path | str, secrets: list[bytes]) -> None:
     """No file under base_dir (outside the mount) that others may read contains a secret."""
+    base_dir = Path(base_dir)
     mount_point = base_dir / "data"
     for dirpath, dirnames, filenames in os.walk(base_dir):
         if Path(dirpath) == base_dir and "data" in dirnames:
