@@ -88,8 +88,8 @@ def _add_run(sub: Any) -> None:
     run = sub.add_parser(
         "run", help="run the volume in the foreground (for systemd, s6, a container)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_RUN_EPILOG,
-        description="Restore, format if needed, replicate, mount; say READY=1 (sd_notify) and "
-                    "serve {base_dir}/fsm.sock.\nS3 keys come from the environment "
+        description="Restore, format if needed, replicate, mount; say READY=1 (sd_notify)\n"
+                    "and serve {base_dir}/fsm.sock. S3 keys come from the environment\n"
                     "(FSM_S3_ACCESS_KEY, FSM_S3_SECRET_ACCESS_KEY or SPRITE_S3_*) or the\n"
                     "--config file, never from flags.")
     _add_config_file(run)
@@ -97,9 +97,11 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--local", dest="local_mode", action=argparse.BooleanOptionalAction,
                      default=None, help="keep data and the metadata replica on local disk "
                                         "instead of S3 (FSM_LOCAL_MODE)")
-    run.add_argument("--volume-name", metavar="NAME", help="JuiceFS volume name, 3-63 of a-z 0-9 - "
-                                           "(FSM_VOLUME_NAME, default juicefs)")
-    run.add_argument("--s3-endpoint-url", metavar="URL", help="http(s)://host[:port] (FSM_S3_ENDPOINT_URL)")
+    run.add_argument("--volume-name", metavar="NAME",
+                     help="JuiceFS volume name, 3-63 of a-z 0-9 - (FSM_VOLUME_NAME, "
+                          "default juicefs)")
+    run.add_argument("--s3-endpoint-url", metavar="URL",
+                     help="http(s)://host[:port] (FSM_S3_ENDPOINT_URL)")
     run.add_argument("--s3-bucket", metavar="NAME", help="bucket name (FSM_S3_BUCKET)")
     for name, what in (("upload-delay", "a written block waits before upload "
                                         "(default 60 in S3 mode, 0 in local mode)"),

@@ -37,7 +37,7 @@ class Exit(IntEnum):
     """The daemon's exit codes (documented in docs/systemd.md)."""
 
     OK = 0          # stopped on request; flushed, unmounted, nothing left running
-    INTERNAL = 1    # a bug: an unexpected exception (traceback in the log)
+    INTERNAL = 1    # a bug: an unexpected exception (traceback on stderr); volume stopped first
     CONFIG = 2      # bad flags/env/TOML, or a missing prerequisite: a restart will not help
     START = 3       # start failed (cleaned up), or another daemon serves this base_dir
     FAILED = 4      # failed while running (mount died, litestream lost); cleaned up

@@ -102,7 +102,7 @@ def _graph() -> Any:
     if [t.source for t in drawn] != [t.source.id for t in declared]:
         raise RuntimeError("python-statemachine changed how it lists transitions; "
                            "update fsm.diagram._chart_transitions to match")
-    for shown, transition in zip(drawn, declared):
+    for shown, transition in zip(drawn, declared, strict=True):
         label = _event_label(transition.events)
         actions = _named(transition.on)
         shown.event = f"{label} / {', '.join(actions)}" if actions else label
@@ -162,7 +162,8 @@ def mermaid(highlight: Highlight | None = None) -> str:
 
 def _mermaid_safe(line: str) -> str:
     # Keep note text from being read as diagram syntax.
-    for old, new in (("-->", "→"), (";", ","), ("end note", "end-note"), ("<", "‹"), (">", "›")):
+    for old, new in (("-->", "\u2192"), (";", ","), ("end note", "end-note"),
+                     ("<", "\u2039"), (">", "\u203a")):
         line = line.replace(old, new)
     return line
 

@@ -29,7 +29,9 @@ from fsm.errors import MissingPrerequisite, ToolError
 FAULTS = {
     "litestream.restore": "restoring_metadata",
     "juicefs.format": "formatting",
+    "litestream.start": "replicating",           # litestream cannot be spawned
     "litestream.wait_serving": "mounting",       # litestream exits before serving
+    "juicefs.start": "mounting",                 # juicefs mount cannot be spawned
     "juicefs.wait_mounted": "mounting",          # the mount exits before it is ready
     "juicefs.mount_timeout": "mounting",         # not ready in time; the process stays up
     "juicefs.clone": "checkpointing/restoring_checkpoint",

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -142,7 +142,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     def spin_until(self, done: Any, what: str) -> None:
         """Let the loop run (tasks, watchers) until `done()`; the fakes never sleep."""
         async def wait() -> None:
-            while not done():
+            while not done():  # noqa: ASYNC110 - polls the fakes' bookkeeping, turn by turn
                 await asyncio.sleep(0)
         try:
             self.run(wait())
@@ -480,6 +480,30 @@ class LifecycleMachine(RuleBasedStateMachine):
         again, exc = self.attempt(self.c.stop())  # idempotent
         assert exc is None and again is None
 
+    @precondition(lambda self: self.jfs is not None and self.c.state == "ready")
+    @rule(then=st.sampled_from(["stop", "checkpoint", "hurry"]))
+    def interrupted_stop(self, then: str) -> None:
+        """Hold stop in its unmount, then call stop() again, an operation, or hurry()."""
+        self.world.hold("juicefs.umount")
+        stopping = self.loop.create_task(self.c.stop())
+        reached = self.world.reached
+        assert reached is not None
+        self.spin_until(reached.is_set, "unmount reached")
+        self.check_one_leaf()
+        assert self.c.state == "stopping"
+        if then == "hurry":
+            self.c.hurry()  # a second SIGTERM: skip the flush, force the unmount
+            follow = None
+        else:
+            follow = self.loop.create_task(
+                self.c.stop() if then == "stop" else self.c.checkpoint("late"))
+        self.world.let_go()
+        assert self.run(stopping) is None
+        if follow is not None:
+            _, exc = self.attempt(follow)  # type: ignore[arg-type]
+            assert (exc is None) if then == "stop" else isinstance(exc, NotReadyError), exc
+        self.assert_stopped()
+
     @precondition(lambda self: self.jfs is not None and self.c.state == "stopped")
     @rule()
     def start_again_on_the_same_volume(self) -> None:
@@ -541,7 +565,9 @@ class LifecycleMachine(RuleBasedStateMachine):
 
 LifecycleMachine.TestCase.settings = settings(
     max_examples=EXAMPLES, stateful_step_count=25, deadline=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow])
+    suppress_health_check=[HealthCheck.too_slow],
+    # Not `explain`: it traces every line, which makes shrinking a failure take minutes.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink])
 
 
 @pytest.fixture(autouse=True)

@@ -115,6 +115,14 @@ def test_run_without_a_base_dir_says_where_to_put_one(monkeypatch: pytest.Monkey
     _one_error_line(capsys.readouterr().err, "--base-dir", "FSM_BASE_DIR", "--config")
 
 
+def test_a_bad_log_level_from_the_environment_is_a_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FSM_LOG_LEVEL", "loud")
+    assert main(["run", "--local", "--base-dir", str(tmp_path)]) == 2
+    _one_error_line(capsys.readouterr().err, "FSM_LOG_LEVEL", "'loud'", "debug, info")
+
+
 def test_a_bad_number_flag_is_a_one_line_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["run", "--upload-delay", "soon"])
