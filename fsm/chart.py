@@ -49,7 +49,9 @@ class Lifecycle(StateChart[Any]):
     start = uninitialized.to(active)
     stop = active.to(stopping) | failed.to(stopping) | uninitialized.to(stopped)
     done_invoke_stopping = stopping.to(stopped)
-    error_execution = active.to(failed)
+    # An error while stopping still ends in `stopped` (recorded, raised by stop()): the chart
+    # would otherwise drop it and leave stop() waiting forever.
+    error_execution = active.to(failed) | stopping.to(stopped, on="record_stop_error")
     mount_lost = active.to(failed)
     replication_lost = active.to(failed)
 

@@ -426,6 +426,10 @@ class JuiceFS:
     async def shut_down(self) -> None:
         self._stop_problems = await self._teardown()
 
+    def record_stop_error(self, error: BaseException | None = None) -> None:
+        self.log.error("stop_error", error=str(error), error_type=type(error).__name__)
+        self._stop_problems.append(f"stopping failed: {error}")
+
     def announce_stopped(self) -> None:
         self._settled.set()
         self._stopped.set()
@@ -436,10 +440,15 @@ class JuiceFS:
             (t.source for t in reversed(self.history) if t.target == "failed"), self.state)
         self.log.error("failed", stage=self._failed_stage, error=str(error),
                        error_type=type(error).__name__)
-        problems = await self._teardown()
+        try:
+            problems = await self._teardown()
+        except (FsmError, OSError) as exc:
+            problems = [f"clean-up failed: {exc}"]
+        finally:
+            self._settled.set()  # start() must return even if the clean-up itself failed
         if problems:
+            self._stop_problems = problems
             self.log.error("cleanup_incomplete", problems=problems)
-        self._settled.set()
 
     async def _teardown(self) -> list[str]:
         """Unmount (flushing writeback data), then stop litestream (its final sync)."""
