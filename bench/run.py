@@ -9,7 +9,7 @@ latency of `juicefs-fsm status`. Raw samples go to bench/results/<stamp>.json, t
 bench/results/<stamp>.md (and stdout), the plot to bench/checkpoint_vs_files.png.
 
     .venv/bin/python bench/run.py               # the full run (~10 minutes on 2 cores)
-    .venv/bin/python bench/run.py --quick       # ~2 minutes: 3 rounds, 1k and 10k, 10 s idle
+    .venv/bin/python bench/run.py --quick       # ~2.5 minutes: 3 rounds (1 at 100k), 10 s idle
     .venv/bin/python bench/run.py --rounds 20 --big-rounds 5
     .venv/bin/python bench/run.py --replot bench/results/<stamp>.json
 
@@ -491,24 +491,37 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"Run {res['started_at']} ({res['mode']}), {env['cpus']} CPUs, load average "
              f"before {env['load_before']} / after {env['load_after']}, juicefs "
              f"{env['juicefs']}, litestream {env['litestream']}, commit {env['commit']}.", "",
-             "| operation | controller median (ms) | bare median (ms) | ratio | target | "
-             "met | rounds |", "|---|---:|---:|---:|---:|:-:|---:|"]
+             "| operation | controller median (ms) | bare median (ms) | ratio | paired ratio | "
+             "target | met | rounds |", "|---|---:|---:|---:|---:|---:|:-:|---:|"]
     metrics = res["metrics"]
     for name in [m for m in ORDER if m in metrics]:
         m = metrics[name]
         met = "yes" if m["ratio"] <= m["target"] else "**no**"
         lines.append(f"| {name} | {m['controller']['median_ms']:.1f} | "
-                     f"{m['bare']['median_ms']:.1f} | {m['ratio']:.2f} | <= {m['target']} | "
+                     f"{m['bare']['median_ms']:.1f} | {m['ratio']:.2f} | "
+                     f"{m['paired_ratio_median']:.2f} | <= {m['target']} | "
                      f"{met} | {m['controller']['n']} |")
-    per_file = res.get("per_file_us") or {}
-    if per_file:
-        lines += ["", "Cost per file (median time / files, microseconds):", "",
-                  "| files | checkpoint controller | checkpoint bare | restore controller | "
-                  "restore bare |", "|---:|---:|---:|---:|---:|"]
-        for n, row in per_file.items():
-            lines.append(f"| {n} | {row['checkpoint']['controller']:.1f} | "
-                         f"{row['checkpoint']['bare']:.1f} | {row['restore']['controller']:.1f}"
-                         f" | {row['restore']['bare']:.1f} |")
+    costs = res.get("per_file_us") or {}
+    if costs:
+        lines += ["", "Cost per file in microseconds, controller / bare: the average (median time"
+                  " / files) and the marginal cost of the files added since the previous size:",
+                  "", "| files | checkpoint average | checkpoint marginal | restore average | "
+                  "restore marginal |", "|---:|---:|---:|---:|---:|"]
+
+        def cell(op: dict[str, Any], kind: str) -> str:
+            c, b = op["controller"][kind], op["bare"][kind]
+            return "-" if c is None else f"{c:.1f} / {b:.1f}"
+
+        for n, row in costs.items():
+            lines.append(f"| {int(n):,} | {cell(row['checkpoint'], 'average')} | "
+                         f"{cell(row['checkpoint'], 'marginal')} | "
+                         f"{cell(row['restore'], 'average')} | "
+                         f"{cell(row['restore'], 'marginal')} |")
+    trees = res.get("trees") or {}
+    if "stop_with_tree_ms" in trees:
+        st = trees["stop_with_tree_ms"]
+        lines += ["", f"Stop with the {st['files']:,}-file tree mounted (one sample each): "
+                  f"controller {st['controller']:.0f} ms, bare {st['bare']:.0f} ms."]
     idle = res.get("idle")
     if idle:
         g = idle["groups"]
@@ -536,14 +549,23 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def per_file(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Microseconds per file: the average (median time / files) and the marginal cost of the
+    files added since the previous size (what one more file costs as the tree grows)."""
     out: dict[str, Any] = {}
+    prev: int | None = None
     for n in SIZES:
-        label = f"{n // 1000}k"
-        if f"checkpoint {label}" not in metrics:
+        if f"checkpoint {n // 1000}k" not in metrics:
             continue
-        out[str(n)] = {op: {side: round(metrics[f"{op} {label}"][side]["median_ms"] * 1000 / n, 2)
-                            for side in ("controller", "bare")}
-                       for op in ("checkpoint", "restore")}
+
+        def median(op: str, size: int, side: str) -> float:
+            return float(metrics[f"{op} {size // 1000}k"][side]["median_ms"])
+
+        out[str(n)] = {op: {side: {
+            "average": round(median(op, n, side) * 1000 / n, 1),
+            "marginal": None if prev is None else round(
+                (median(op, n, side) - median(op, prev, side)) * 1000 / (n - prev), 1)}
+            for side in ("controller", "bare")} for op in ("checkpoint", "restore")}
+        prev = n
     return out
 
 
@@ -561,7 +583,12 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     for op, style in (("checkpoint", "-"), ("restore", "--")):
         for side, color in (("controller", "tab:blue"), ("bare", "tab:orange")):
             ys = [metrics[f"{op} {n // 1000}k"][side]["median_ms"] for n in sizes]
-            ax.plot(sizes, ys, style, marker="o", color=color, label=f"{op}: {side}")
+            ax.plot(sizes, ys, style, marker="o", color=color, label=f"{op}: {side} (median)")
+            if op == "checkpoint":  # every round, slightly apart so both sides show
+                shift = 0.97 if side == "controller" else 1.03
+                for n in sizes:
+                    samples = metrics[f"{op} {n // 1000}k"][side]["samples_ms"]
+                    ax.plot([n * shift] * len(samples), samples, ".", color=color, alpha=0.35)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("files in the active tree")
@@ -646,7 +673,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="3 rounds, 1k and 10k files, 10 s idle, 10 status calls (~2 min)")
+                   help="3 rounds (1 at 100k files), 10 s idle, 10 status calls (~2.5 min)")
     p.add_argument("--rounds", type=int, help="rounds of start/stop and of 1k/10k checkpoints "
                                               "(default 15; 3 with --quick)")
     p.add_argument("--big-rounds", type=int, help="rounds at 100k files (default 5)")
@@ -664,7 +691,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     args.rounds = args.rounds or (3 if quick else 15)
     args.big_rounds = args.big_rounds or (1 if quick else 5)
-    sizes = args.sizes or ("1000,10000" if quick else "1000,10000,100000")
+    sizes = args.sizes or "1000,10000,100000"
     args.sizes = sorted(int(s) for s in sizes.split(","))
     if any(n not in SIZES for n in args.sizes):
         p.error(f"--sizes: choose among {','.join(map(str, SIZES))}")
@@ -681,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot:
         res = json.loads(Path(args.replot).read_text())
+        res["per_file_us"] = per_file(res["metrics"])
     else:
         if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
             say("the benchmark needs root and /dev/fuse (it makes real FUSE mounts)")

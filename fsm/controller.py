@@ -341,11 +341,15 @@ class JuiceFS:
         assert replicator is not None  # replicating comes before mounting
         seconds, _ = await _together(
             self.juicefs.wait_mounted(child, self.config.ready_timeout),
-            self.litestream.wait_serving(replicator))
+            self._replication_serving(replicator))
         self.log.info("mounted", mount_point=str(self.layout.mount_point), pid=child.pid,
                       duration_ms=round(seconds * 1000, 1))
-        self._watch(replicator, "replication_lost", ReplicationLost)
         self._watch(child, "mount_lost", MountLost)
+
+    async def _replication_serving(self, replicator: Child) -> None:
+        await self.litestream.wait_serving(replicator)
+        # Watched from here on: litestream dying while the mount comes up fails the start.
+        self._watch(replicator, "replication_lost", ReplicationLost)
 
     def announce_ready(self) -> None:
         # mkdir through FUSE on first start; no-ops on later ones.
