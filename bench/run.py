@@ -310,9 +310,6 @@ async def tree_round(rec: Recorder, side: Side, jfs: JuiceFS, bare: Bare, bare_b
 
 # ---- 3. the daemon idle, and `juicefs-fsm status` ---------------------------------------------
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
 def children_of() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -333,9 +330,14 @@ def tree_of(pids: list[int]) -> list[int]:
     return out
 
 
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+def cpu_seconds(pid: int) -> float:
+    """CPU time of all the process's threads, in ns resolution (schedstat), where /proc/PID/stat
+    counts 10 ms ticks, too coarse for an idle minute."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def rss_kib(pid: int) -> int:
@@ -439,7 +441,7 @@ async def sample_idle(daemon_pid: int, bare_base: Path, seconds: float) -> dict[
                           for n in ("mount", "litestream")])
     groups = {"daemon_process": [daemon_pid], "daemon_tools": daemon_tools,
               "bare_tools": bare_tools}
-    before = {g: sum(cpu_ticks(p) for p in pids) for g, pids in groups.items()}
+    before = {g: sum(cpu_seconds(p) for p in pids) for g, pids in groups.items()}
     rss_max = dict.fromkeys(groups, 0)
     rss_last = dict.fromkeys(groups, 0)
     started = time.monotonic()
@@ -449,10 +451,10 @@ async def sample_idle(daemon_pid: int, bare_base: Path, seconds: float) -> dict[
             rss_max[g] = max(rss_max[g], rss_last[g])
         await asyncio.sleep(min(1.0, max(0.0, seconds - (time.monotonic() - started))))
     elapsed = time.monotonic() - started
-    after = {g: sum(cpu_ticks(p) for p in pids) for g, pids in groups.items()}
+    after = {g: sum(cpu_seconds(p) for p in pids) for g, pids in groups.items()}
     return {"elapsed_s": round(elapsed, 2), "pids": groups, "groups": {
-        g: {"cpu_percent": round((after[g] - before[g]) / CLK_TCK / elapsed * 100, 3),
-            "cpu_seconds": round((after[g] - before[g]) / CLK_TCK, 3),
+        g: {"cpu_percent": round((after[g] - before[g]) / elapsed * 100, 4),
+            "cpu_seconds": round(after[g] - before[g], 4),
             "rss_mib": round(rss_last[g] / 1024, 1), "rss_max_mib": round(rss_max[g] / 1024, 1)}
         for g in groups}}
 
@@ -532,7 +534,7 @@ def markdown(res: dict[str, Any]) -> str:
                  "daemon_tools": "its juicefs + litestream", "bare_tools":
                  "bare juicefs + litestream (no controller)"}
         for key, label in names.items():
-            lines.append(f"| {label} | {g[key]['cpu_percent']:.2f} | {g[key]['cpu_seconds']:.2f}"
+            lines.append(f"| {label} | {g[key]['cpu_percent']:.3f} | {g[key]['cpu_seconds']:.3f}"
                          f" | {g[key]['rss_mib']:.1f} / {g[key]['rss_max_mib']:.1f} |")
         st = idle.get("status")
         if st:

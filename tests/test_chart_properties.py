@@ -25,14 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -159,7 +161,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             if len(self.world.calls) != quiet["calls"]:
                 quiet["turns"], quiet["calls"] = 0, len(self.world.calls)
             quiet["turns"] += 1
-            return quiet["turns"] > 100
+            return quiet["turns"] > 500
 
         self.spin_until(still, what)
 
@@ -571,13 +573,14 @@ LifecycleMachine.TestCase.settings = settings(
 
 
 @pytest.fixture(autouse=True)
-def _quiet_logs() -> Any:
+def _quiet_logs() -> Iterator[None]:
     """Hundreds of controllers would log thousands of lines nobody reads."""
-    import logging
-
+    saved = structlog.get_config()
     configure("json", logging.CRITICAL)
-    yield
-    configure()
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 def test_chart_properties_hold_under_random_calls_and_failures() -> None:

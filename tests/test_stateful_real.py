@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Coroutine
@@ -26,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from fsm import CheckpointExists, CheckpointNotFound, Config, JuiceFS
 from fsm.juicefs import mount_fstype
-from tests.helpers import assert_nothing_left, mount_pids, require_fuse
+from tests.helpers import assert_nothing_left, mount_pids, pid_alive, require_fuse
 
 EXAMPLES = 20
 STEP_LIMIT = 60.0
@@ -59,7 +60,11 @@ class RealVolume(RuleBasedStateMachine):
         self.pids: list[int] = []
         self.tree: Tree = {}
         self.checkpoints: dict[str, Tree] = {}
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.teardown()  # hypothesis only tears down machines that were built
+            raise
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return self.loop.run_until_complete(asyncio.wait_for(coro, STEP_LIMIT))
@@ -76,8 +81,12 @@ class RealVolume(RuleBasedStateMachine):
                 self.run(self.c.stop())
                 assert_nothing_left(self.tmp / "vol", self.pids)
         finally:
-            if mount_fstype(mount_point) is not None:  # stop failed: do not leave it mounted
+            # If stop failed, still leave nothing mounted or running.
+            if mount_fstype(mount_point) is not None:
                 subprocess.run(["umount", "-l", str(mount_point)], check=False)
+            for pid in self.pids:
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
             self.loop.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
 
