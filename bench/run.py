@@ -8,7 +8,7 @@ on both sides). Then the daemon (`juicefs-fsm run --local`) idle for 60 s: CPU a
 latency of `juicefs-fsm status`. Raw samples go to bench/results/<stamp>.json, the table to
 bench/results/<stamp>.md (and stdout), the plot to bench/checkpoint_vs_files.png.
 
-    .venv/bin/python bench/run.py               # the full run (~10 minutes on 2 cores)
+    .venv/bin/python bench/run.py               # the full run (~12 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick       # ~2.5 minutes: 3 rounds (1 at 100k), 10 s idle
     .venv/bin/python bench/run.py --rounds 20 --big-rounds 5
     .venv/bin/python bench/run.py --replot bench/results/<stamp>.json
@@ -260,6 +260,8 @@ async def bench_trees(rec: Recorder, bare: Bare, work: Path, sizes: list[int],
         await jfs.start()
         await bare.call("start", bare_base)
         bare_up = True
+        tools = tree_of([p for p in jfs.pids.values() if p] + [
+            int((bare_base / f"{n}.pid").read_text()) for n in ("mount", "litestream")])
         have = {"controller": 0, "bare": 0}
         for size in sizes:
             started = time.monotonic()
@@ -271,6 +273,7 @@ async def bench_trees(rec: Recorder, bare: Bare, work: Path, sizes: list[int],
             for r in range(rounds[size]):
                 for side in ordered(r):
                     await tree_round(rec, side, jfs, bare, bare_base, size, f"b{size}-{r}")
+                    await settle(tools)
                 label = f"{size // 1000}k"
                 say(f"  {size} files round {r + 1}/{rounds[size]}: " + ", ".join(
                     f"{op} {ms(rec.samples[f'{op} {label}']['controller'][-1]):.0f}/"
@@ -291,6 +294,19 @@ async def bench_trees(rec: Recorder, bare: Bare, work: Path, sizes: list[int],
         unmount_leftover(ctl_base)
         unmount_leftover(bare_base)
     return extra
+
+
+async def settle(pids: list[int], limit: float = 15.0) -> float:
+    """Wait until both volumes' juicefs and litestream are quiet (under 10% of a CPU over
+    250 ms), so the background work a clean-up leaves (deleting 200k entries, litestream
+    shipping the WAL) does not land in the other side's next measurement."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        before = sum(cpu_seconds(p) for p in pids)
+        await asyncio.sleep(0.25)
+        if sum(cpu_seconds(p) for p in pids) - before < 0.025:
+            break
+    return time.monotonic() - started
 
 
 async def tree_round(rec: Recorder, side: Side, jfs: JuiceFS, bare: Bare, bare_base: Path,
@@ -334,9 +350,10 @@ def cpu_seconds(pid: int) -> float:
     """CPU time of all the process's threads, in ns resolution (schedstat), where /proc/PID/stat
     counts 10 ms ticks, too coarse for an idle minute."""
     total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            total += int((task / "schedstat").read_text().split()[0])
+    with contextlib.suppress(OSError):  # an exited process or thread counts no more
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
     return total / 1e9
 
 
@@ -678,7 +695,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="3 rounds (1 at 100k files), 10 s idle, 10 status calls (~2.5 min)")
     p.add_argument("--rounds", type=int, help="rounds of start/stop and of 1k/10k checkpoints "
                                               "(default 15; 3 with --quick)")
-    p.add_argument("--big-rounds", type=int, help="rounds at 100k files (default 5)")
+    p.add_argument("--big-rounds", type=int, help="rounds at 100k files (default 7; 1 quick)")
     p.add_argument("--sizes", help="comma-separated file counts among 1000,10000,100000")
     p.add_argument("--idle-seconds", type=float, help="daemon idle window (default 60; 10 quick)")
     p.add_argument("--status-calls", type=int, help="juicefs-fsm status calls (default 30)")
@@ -692,7 +709,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     args.rounds = args.rounds or (3 if quick else 15)
-    args.big_rounds = args.big_rounds or (1 if quick else 5)
+    args.big_rounds = args.big_rounds or (1 if quick else 7)
     sizes = args.sizes or "1000,10000,100000"
     args.sizes = sorted(int(s) for s in sizes.split(","))
     if any(n not in SIZES for n in args.sizes):

@@ -14,7 +14,8 @@ from statemachine import State, StateChart
 
 class Lifecycle(StateChart[Any]):
     """uninitialized -> restoring_metadata -> [formatting] -> replicating -> mounting -> ready;
-    ready <-> checkpointing / restoring_checkpoint; stop from anywhere; failed on any error."""
+    ready <-> checkpointing / restoring_checkpoint / rolling_back; stop from anywhere; failed on
+    any error."""
 
     uninitialized = State("Uninitialized", initial=True)
 
@@ -26,6 +27,8 @@ class Lifecycle(StateChart[Any]):
         ready = State("Ready", enter="announce_ready")
         checkpointing = State("Checkpointing", invoke="take_checkpoint")
         restoring_checkpoint = State("Restoring checkpoint", invoke="restore_checkpoint_tree")
+        # Time travel (fsm.timetravel): stop, swap in the metadata of a past second, restart.
+        rolling_back = State("Rolling back", invoke="roll_back")
 
         done_invoke_restoring_metadata = restoring_metadata.to(
             formatting, cond="needs_format"
@@ -41,6 +44,11 @@ class Lifecycle(StateChart[Any]):
             ready, after="settle_operation"
         )
         delete_checkpoint = ready.to(None, on="remove_checkpoint", after="settle_operation")
+        rollback = ready.to(rolling_back)
+        done_invoke_rolling_back = rolling_back.to(ready, after="settle_operation")
+        # Read-only mounts of past seconds beside the live volume, which keeps running.
+        browse = ready.to(None, on="open_history", after="settle_operation")
+        unbrowse = ready.to(None, on="close_history", after="settle_operation")
 
     stopping = State("Stopping", invoke="shut_down")
     stopped = State("Stopped", final=True, enter="announce_stopped")

@@ -30,7 +30,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _RUN_FIELDS = ("base_dir", "local_mode", "volume_name", "s3_endpoint_url", "s3_bucket",
                "upload_delay", "ready_timeout", "flush_timeout", "litestream_stop_timeout",
                "s3_retry_deadline", "cache_size_mib", "buffer_size_mib", "juicefs_bin",
-               "litestream_bin")
+               "litestream_bin", "history_hours")
 
 
 _RUN_EPILOG = """\
@@ -116,6 +116,9 @@ def _add_run(sub: Any) -> None:
                      help="JuiceFS cache size (default 80%% of the cache filesystem)")
     run.add_argument("--buffer-size-mib", type=int, metavar="MIB",
                      help="JuiceFS buffer size (default min(20%% of RAM, 1 GiB))")
+    run.add_argument("--history-hours", type=float, metavar="HOURS",
+                     help="keep HOURS of whole-volume history for history/browse/rollback; "
+                          "0 = off (FSM_HISTORY_HOURS, default 0; docs/time-travel.md)")
     run.add_argument("--juicefs-bin", metavar="PATH", help="juicefs binary (default: PATH)")
     run.add_argument("--litestream-bin", metavar="PATH", help="litestream binary (default: PATH)")
     run.add_argument("--log-format", choices=_LOG_FORMATS,
@@ -129,9 +132,10 @@ def _add_run(sub: Any) -> None:
 
 def _add_clients(sub: Any) -> None:
     def client(name: str, help_text: str, *, with_id: bool, json_flag: bool,
-               handler: Callable[[argparse.Namespace], int]) -> None:
-        p = sub.add_parser(name, help=help_text, description=help_text + " (asks the daemon "
-                           "serving BASE_DIR over {base_dir}/fsm.sock)")
+               handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text,
+            description=help_text + " (asks the daemon serving BASE_DIR over {base_dir}/fsm.sock)")
         if with_id:
             p.add_argument("id", metavar="ID", help="checkpoint id: 1-200 of A-Z a-z 0-9 . _ -")
         p.add_argument("--base-dir", help="the daemon's base dir (default: $FSM_BASE_DIR, "
@@ -142,6 +146,7 @@ def _add_clients(sub: Any) -> None:
         p.add_argument("--timeout", type=float, metavar="SECONDS",
                        help="how long to wait for the answer")
         p.set_defaults(handler=handler)
+        return p
 
     client("status", "show the daemon's state, pids, versions and recent transitions",
            with_id=False, json_flag=True, handler=_status)
@@ -152,6 +157,29 @@ def _add_clients(sub: Any) -> None:
     client("checkpoints", "list checkpoints", with_id=False, json_flag=True,
            handler=_checkpoints)
     client("delete", "delete checkpoint ID", with_id=True, json_flag=False, handler=_delete)
+    _add_time_travel(client)
+
+
+_AT_HELP = ("the time: ISO 8601 (2026-01-02T03:04:05Z; no zone = local time), Unix seconds, "
+            "or relative such as -90s, -5m, -2h")
+
+
+def _add_time_travel(client: Callable[..., argparse.ArgumentParser]) -> None:
+    client("history", "show the history window: the oldest and newest restorable times, and "
+           "open browse mounts", with_id=False, json_flag=True, handler=_history)
+    browse = client("browse", "mount the whole volume as it was at a past time, read-only, at "
+                    "{base_dir}/history/<time>/ (the live volume keeps running)",
+                    with_id=False, json_flag=True, handler=_browse)
+    browse.add_argument("--at", required=True, metavar="TIME", help=_AT_HELP)
+    unbrowse = client("unbrowse", "unmount and delete a browse mount", with_id=False,
+                      json_flag=True, handler=_unbrowse)
+    unbrowse.add_argument("target", nargs="?", metavar="TIME_OR_PATH",
+                          help="the browse mount's time (as `history` shows it) or its path")
+    unbrowse.add_argument("--all", action="store_true", help="every open browse mount")
+    rollback = client("rollback", "roll the whole volume (checkpoints included) back to a past "
+                      "time; the active tree it replaces is kept as checkpoint "
+                      "pre-rollback-<unix>", with_id=False, json_flag=True, handler=_rollback)
+    rollback.add_argument("--at", required=True, metavar="TIME", help=_AT_HELP)
 
 
 # ---- run ---------------------------------------------------------------------------------
@@ -271,6 +299,81 @@ def _delete(args: argparse.Namespace) -> int:
     _call(args, "delete", id=_checked_id(args.id))
     print(f"deleted checkpoint {args.id}")
     return 0
+
+
+def _checked_at(text: str) -> str:
+    from .timepoints import iso, parse_time
+
+    # Relative and local times are read here, where the user typed them.
+    return iso(parse_time(text))
+
+
+def _history(args: argparse.Namespace) -> int:
+    window = _call(args, "history")
+    if args.json:
+        _print_json(window)
+    else:
+        print(format_history(window))
+    return 0
+
+
+def _browse(args: argparse.Namespace) -> int:
+    opened = _call(args, "browse", at=_checked_at(args.at))
+    if args.json:
+        _print_json(opened)
+    else:
+        print(f"the volume as of {opened['at']} (replicated state of {opened['state_at']}) is "
+              f"mounted read-only at {opened['path']}\nyour tree: {opened['tree']}\n"
+              f"close it with: {PROG} unbrowse {opened['path']}")
+    return 0
+
+
+def _unbrowse(args: argparse.Namespace) -> int:
+    if args.all == bool(args.target):
+        raise ConfigError("unbrowse takes a browse mount's time or path, or --all")
+    target = {"all": True} if args.all else {"at": _unbrowse_target(args.target)}
+    closed = _call(args, "unbrowse", **target)
+    if args.json:
+        _print_json(closed)
+    else:
+        for browse in closed["closed"]:
+            print(f"closed {browse['path']}")
+        if not closed["closed"]:
+            print("no browse mounts were open")
+    return 0
+
+
+def _unbrowse_target(target: str) -> str:
+    path = Path(target).expanduser()
+    return str(path.absolute()) if path.exists() or "/" in target else _checked_at(target)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    done = _call(args, "rollback", at=_checked_at(args.at))
+    if args.json:
+        _print_json(done)
+    else:
+        gc = done["gc"]
+        print(f"rolled back to {done['at']} (replicated state of {done['state_at']}) with "
+              f"{done['downtime_ms']:.0f} ms of downtime\nthe tree it replaced is checkpoint "
+              f"{done['checkpoint']['id']}\ngarbage collection: "
+              + (gc.get("summary") or "done" if gc.get("ok") else f"failed: {gc.get('error')}"))
+    return 0
+
+
+def format_history(window: dict[str, Any]) -> str:
+    lines = [f"history:   {window.get('history_hours'):g} h kept (history_hours)",
+             f"oldest:    {window.get('oldest') or '-'}{_ago(window.get('oldest') or '')}",
+             f"newest:    {window.get('newest') or '-'}{_ago(window.get('newest') or '')}"
+             " (later times give the latest state)",
+             f"replica:   {window.get('replica')}"]
+    steps = {0: "~1 s", 1: "~30 s", 2: "~5 min", 3: "~1 h", 9: "snapshots"}
+    for level in window.get("levels") or []:
+        lines.append(f"  level {level['level']} ({steps.get(level['level'], '?')}): "
+                     f"{level['files']} files, {level['from']} .. {level['to']}")
+    for browse in window.get("browsing") or []:
+        lines.append(f"browsing:  {browse['at']} at {browse['path']}")
+    return "\n".join(lines)
 
 
 def _print_json(value: Any) -> None:

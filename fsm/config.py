@@ -17,6 +17,9 @@ from .layout import Layout
 # juicefs format's own rule (format.go): refuse early instead of after a restore.
 VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
+# A year: longer windows keep a year of deleted data and metadata history (docs/time-travel.md).
+MAX_HISTORY_HOURS = 24 * 366
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -38,6 +41,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "buffer_size_mib": ("FSM_BUFFER_SIZE_MIB",),
     "juicefs_bin": ("FSM_JUICEFS_BIN",),
     "litestream_bin": ("FSM_LITESTREAM_BIN",),
+    "history_hours": ("FSM_HISTORY_HOURS",),
 }
 
 _INSTALL_HINT = {
@@ -99,6 +103,8 @@ class Config:
     juicefs_bin: str | None = None
     litestream_bin: str | None = None
     history_size: int = 50
+    # Time travel (fsm.timetravel): hours of whole-volume history to keep; 0 = off.
+    history_hours: float = 0.0
 
     def __post_init__(self) -> None:
         if not str(self.base_dir).strip():
@@ -128,6 +134,10 @@ class Config:
                 raise ConfigError(f"{name} must be a positive number of MiB, got {value}")
         if self.history_size < 1:
             raise ConfigError(f"history_size must be >= 1, got {self.history_size}")
+        if not 0 <= self.history_hours <= MAX_HISTORY_HOURS:
+            raise ConfigError(
+                f"history_hours must be between 0 (time travel off) and {MAX_HISTORY_HOURS} "
+                f"(a year), got {self.history_hours}")
 
     def _check_s3(self) -> None:
         missing = [

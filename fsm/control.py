@@ -1,8 +1,10 @@
 """The daemon's control socket, `{base_dir}/fsm.sock` (mode 0600), and its client.
 
 Protocol (fixed; `juicefs-fsm diagram --base-dir` and the CLI verbs use it): one JSON object per
-line. Request `{"op": "status" | "checkpoint" | "restore" | "checkpoints" | "delete", ...args}`
-(checkpoint, restore and delete take `"id"`). Response `{"ok": true, "result": ...}` or
+line. Request `{"op": "status" | "checkpoint" | "restore" | "checkpoints" | "delete" | "history" |
+"browse" | "unbrowse" | "rollback", ...args}` (checkpoint, restore and delete take `"id"`; browse
+and rollback take `"at"`, a time as fsm.timepoints.parse_time reads it; unbrowse takes `"at"` (a
+time or a browse mount's path) or `"all": true`). Response `{"ok": true, "result": ...}` or
 `{"ok": false, "error": "<message>", "type": "<ErrorClass>"}`. A connection may carry several
 requests in turn; each gets one response line.
 """
@@ -29,12 +31,13 @@ from .logs import get_logger
 if TYPE_CHECKING:
     from .controller import JuiceFS
 
-OPS = ("status", "checkpoint", "restore", "checkpoints", "delete")
+OPS = ("status", "checkpoint", "restore", "checkpoints", "delete", "history", "browse",
+       "unbrowse", "rollback")
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SUN_PATH = 107
 _LINE_LIMIT = 1 << 20
 # Reading state answers at once; clone/rmr of a big tree can take a while.
-_TIMEOUTS = {"status": 10.0, "checkpoints": 30.0}
+_TIMEOUTS = {"status": 10.0, "checkpoints": 30.0, "history": 60.0}
 _OP_TIMEOUT = 600.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -92,6 +95,8 @@ class ControlServer:
         self._ops: dict[str, Handler] = {
             "status": self._status, "checkpoint": self._checkpoint, "restore": self._restore,
             "checkpoints": self._checkpoints, "delete": self._delete,
+            "history": self._history, "browse": self._browse, "unbrowse": self._unbrowse,
+            "rollback": self._rollback,
         }
 
     async def start(self) -> None:
@@ -220,6 +225,35 @@ class ControlServer:
         cp_id = _id(request)
         await self.jfs.delete_checkpoint(cp_id)
         return {"id": cp_id}
+
+
+    # ---- time travel (fsm.timetravel) ----------------------------------------------------
+
+    async def _history(self, request: dict[str, Any]) -> Any:
+        window = (await self.jfs.list_restore_points()).to_json()
+        return {**window, "browsing": [b.to_json() for b in self.jfs.browsing()]}
+
+    async def _browse(self, request: dict[str, Any]) -> Any:
+        return (await self.jfs.browse(_at(request))).to_json()
+
+    async def _unbrowse(self, request: dict[str, Any]) -> Any:
+        if request.get("all"):
+            closed = [b.to_json() for b in self.jfs.browsing()]
+            for browse in self.jfs.browsing():
+                await self.jfs.unbrowse(browse)
+            return {"closed": closed}
+        return {"closed": [(await self.jfs.unbrowse(_at(request))).to_json()]}
+
+    async def _rollback(self, request: dict[str, Any]) -> Any:
+        return (await self.jfs.rollback(_at(request))).to_json()
+
+
+def _at(request: dict[str, Any]) -> str:
+    at = request.get("at")
+    if not isinstance(at, (str, int, float)) or isinstance(at, bool) or at == "":
+        raise ControlError(f"op {request['op']!r} needs \"at\": a time such as "
+                           f"2026-01-02T03:04:05Z, Unix seconds, or -5m")
+    return str(at)
 
 
 def _id(request: dict[str, Any]) -> str:

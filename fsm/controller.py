@@ -41,6 +41,8 @@ from .litestream import LitestreamTool
 from .logs import ensure_configured, get_logger
 from .proc import Child
 from .retry import classify_tool_error, with_s3_retries
+from .timepoints import RestoreWindow, parse_time
+from .timetravel import Browse, RollbackResult, TimeTravel, TravelOp
 
 _MOUNT_EXIT_GRACE = 10.0
 # After hurry(): how long a child gets between SIGTERM and SIGKILL.
@@ -101,6 +103,7 @@ class JuiceFS:
         self._since = datetime.now(timezone.utc)
         self.history: deque[Transition] = deque(maxlen=config.history_size)
         self._observers: list[Observer] = []
+        self._time_travel = TimeTravel(self)
         self._chart = Lifecycle(model=self, state_field="_chart_configuration")
 
     # ---- public API -------------------------------------------------------------------------
@@ -193,6 +196,47 @@ class JuiceFS:
             self._require("checkpoint", "list checkpoints")
             return await asyncio.to_thread(cps.list_in, self.layout.checkpoints_dir)
 
+    # ---- time travel (fsm.timetravel; needs history_hours > 0) ----------------------------
+
+    async def list_restore_points(self) -> RestoreWindow:
+        """The history window the replica can actually restore (oldest, newest)."""
+        self._time_travel.require_enabled("list restore points")
+        async with self._op_lock:
+            self._require("browse", "list restore points")
+            return await self._time_travel.restore_points()
+
+    async def browse(self, at: str | float | datetime) -> Browse:
+        """Mount the whole volume as it was at `at`, read-only, at {base_dir}/history/<time>/;
+        the live volume keeps running. OutsideWindow / BrokenRestorePoint before mounting."""
+        self._time_travel.require_enabled("browse")
+        result: Browse = await self._operate_with("browse", TravelOp(
+            "browse", "", at=parse_time(at)))
+        return result
+
+    async def unbrowse(self, target: str | float | datetime | Path | Browse) -> Browse:
+        """Unmount and delete a browse mount: by the Browse, its time, or its path."""
+        if isinstance(target, Browse):
+            key = str(target.mount_point)
+        elif isinstance(target, Path):
+            key = str(target)
+        else:
+            key = target if isinstance(target, str) else parse_time(target).isoformat()
+        closed: Browse = await self._operate_with("unbrowse", TravelOp("unbrowse", "",
+                                                                       target=key))
+        return closed
+
+    def browsing(self) -> list[Browse]:
+        """The open browse mounts."""
+        return self._time_travel.browsing()
+
+    async def rollback(self, at: str | float | datetime) -> RollbackResult:
+        """Roll the whole volume back to `at` (checkpoints included). The active tree it
+        replaces is kept as checkpoint pre-rollback-<unix>; on failure nothing changes."""
+        self._time_travel.require_enabled("roll back")
+        result: RollbackResult = await self._operate_with("rollback", TravelOp(
+            "rollback", "", at=parse_time(at)))
+        return result
+
     def status(self) -> dict[str, Any]:
         return {
             "state": self.state,
@@ -202,6 +246,7 @@ class JuiceFS:
             "volume_name": self.config.volume_name,
             "pids": self.pids,
             "error": str(self._error) if self._error else None,
+            "time_travel": self._time_travel.status(),
             "transitions": [t.to_json() for t in self.history],
         }
 
@@ -219,10 +264,12 @@ class JuiceFS:
             raise NotReadyError(operation, self.state)
 
     async def _operate(self, event: str, cp_id: str) -> Any:
+        return await self._operate_with(event, Operation(event, cp_id))
+
+    async def _operate_with(self, event: str, op: Operation) -> Any:
         await self._activate()
         async with self._op_lock:
             self._require(event, event.replace("_", " "))
-            op = Operation(event, cp_id)
             await self._chart.send(event, op=op)
             return await op.outcome()
 
@@ -254,6 +301,9 @@ class JuiceFS:
 
     async def restore_metadata(self) -> None:
         await asyncio.to_thread(self._prepare_dirs)
+        # Which replica path is current (a rollback starts a new one); undo a rollback a crash
+        # interrupted; clear browse mounts a crash left behind.
+        await self._time_travel.before_start()
         self.litestream.write_config()
         if not self.config.local_mode:
             # Fails fast on wrong credentials or a missing bucket; waits out an outage.
@@ -322,6 +372,8 @@ class JuiceFS:
                       storage=self.config.mode)
 
     async def start_replication(self) -> None:
+        # Time travel: deleted data must outlive the history window (no-op when it is off).
+        await self._time_travel.ensure_trash_days()
         with contextlib.suppress(FileNotFoundError):
             self.layout.litestream_socket.unlink()  # a leftover would look like a live server
         child = self.litestream.replicate_child()
@@ -420,6 +472,17 @@ class JuiceFS:
             await self.litestream.sync()
             self.log.info("checkpoint_deleted", id=op.cp_id)
 
+    # ---- chart actions: time travel (fsm.timetravel) ----------------------------------------
+
+    async def open_history(self, op: TravelOp) -> None:
+        await self._time_travel.open(op)
+
+    async def close_history(self, op: TravelOp) -> None:
+        await self._time_travel.close(op)
+
+    async def roll_back(self, op: TravelOp) -> TravelOp:
+        return await self._time_travel.roll_back(op)
+
     def settle_operation(self, op: Operation | None = None, data: Operation | None = None) -> None:
         done = data or op
         if done is not None:
@@ -463,7 +526,8 @@ class JuiceFS:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
         self._watchers.clear()
-        problems = await self._unmount()
+        problems = await self._time_travel.close_all()  # browse mounts: owned children too
+        problems += await self._unmount()
         if self._replicator is not None:
             problems += await self._final_sync()
             rc = await self._stop_child(self._replicator, self.config.litestream_stop_timeout)

@@ -139,16 +139,18 @@ class Daemon:
     async def _abandon(self) -> None:
         """Third signal: the stop itself is stuck. Kill the children's process groups (the
         juicefs supervisor and its FUSE server share one) and detach the mount point."""
+        browses = self.jfs.browsing()  # read-only mounts of past times: owned children too
         pids = [pid for pid in self.jfs.pids.values() if pid]
+        pids += [b.child.pid for b in browses if b.child.pid]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-        mount_point = self.jfs.layout.mount_point
-        if mount_fstype(mount_point) is not None:
-            try:
-                await lazy_unmount(mount_point, self.log)
-            except FsmError as exc:
-                self.log.error("lazy_unmount_failed", error=str(exc))
+        for mount_point in [self.jfs.layout.mount_point, *(b.mount_point for b in browses)]:
+            if mount_fstype(mount_point) is not None:
+                try:
+                    await lazy_unmount(mount_point, self.log)
+                except FsmError as exc:
+                    self.log.error("lazy_unmount_failed", error=str(exc))
         self.log.error("stop_abandoned", killed_process_groups=pids)
         # Let the stuck actions unwind (their one-shot commands are killed on cancel) and the
         # killed children be reaped while the loop still runs.

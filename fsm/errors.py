@@ -91,3 +91,32 @@ class S3Unavailable(FsmError):
 class S3AccessError(ConfigError):
     """S3 answered but refused: wrong credentials, no permission, or no such bucket.
     Not retried: fix the configuration."""
+
+
+class TimeTravelError(FsmError):
+    """A history, browse or rollback request could not be carried out (fsm.timetravel)."""
+
+
+class HistoryOff(TimeTravelError):
+    """Time travel is off (history_hours = 0); the message says how to turn it on."""
+
+
+class OutsideWindow(TimeTravelError, ValueError):
+    """The requested time is not in the history window that is actually available."""
+
+
+class BrokenRestorePoint(TimeTravelError):
+    """`juicefs fsck` found objects missing for the restored metadata: refused, not mounted."""
+
+
+class BrowseNotFound(TimeTravelError):
+    """No browse mount is open for that time or path."""
+
+
+class UnsafeMetadataCopy(TimeTravelError):
+    """Refused: a second read-write mount of a metadata copy, or gc against a copy that is
+    not the primary, would corrupt or delete the live volume's data."""
+
+
+class RollbackFailed(TimeTravelError):
+    """A rollback step failed; the message says whether the volume is back as it was."""

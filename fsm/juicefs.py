@@ -16,6 +16,7 @@ from typing import Any
 from .config import Config
 from .errors import ToolError
 from .proc import Child, child_env, run
+from .timepoints import trash_days_needed
 
 READY_LINE = "is ready at"
 _PROBE_INTERVAL = 0.005
@@ -112,8 +113,10 @@ class JuiceFSTool:
 
     async def format(self) -> None:
         storage = "file" if self.cfg.local_mode else "s3"
+        # Time travel keeps deleted data as long as its history window (fsm.timetravel).
+        trash = ["--trash-days", str(trash_days_needed(self.cfg))] if self.cfg.history_hours else []
         await self._run("format", "format", "--storage", storage, "--bucket", self.cfg.bucket_url,
-                        "--no-update", self.layout.meta_url, self.cfg.volume_name)
+                        *trash, "--no-update", self.layout.meta_url, self.cfg.volume_name)
 
     def mount_argv(self, upload_delay: float | None = None) -> list[str]:
         """`upload_delay` overrides the configured one (the flush remount at stop uses 0)."""
@@ -221,6 +224,40 @@ class JuiceFSTool:
         if force:
             args.append("--force")
         await self._run("umount", *args, str(self.layout.mount_point), timeout=timeout)
+
+
+    # ---- time travel (fsm.timetravel) ------------------------------------------------------
+
+    async def set_trash_days(self, days: int) -> None:
+        """Raise the primary volume's trash-days (`juicefs config`)."""
+        await self._run("config", "config", self.layout.meta_url, "--trash-days", str(days),
+                        "--yes")
+
+    async def fsck(self, db: Path) -> str:
+        """Check that every object a metadata copy references exists (`juicefs fsck`, read
+        only). A ToolError when objects are lost or files broken; returns the report."""
+        done = await run("juicefs", "fsck", [self.bin, "fsck", f"sqlite3://{db}"], env=self.env,
+                         log=self.log, secrets=self.secrets, timeout=3600)
+        return done.stderr
+
+    async def gc_primary(self) -> str:
+        """`juicefs gc --delete` against the primary metadata only: objects no slice of it
+        references are deleted (objects younger than an hour are skipped by juicefs)."""
+        done = await run("juicefs", "gc", [self.bin, "gc", self.layout.meta_url, "--delete"],
+                         env=self.env, log=self.log, secrets=self.secrets, timeout=3600)
+        return done.stderr
+
+    def read_only_mount_child(self, db: Path, mount_point: Path, cache_dir: Path) -> Child:
+        """A mount of a metadata copy that can change nothing: read-only, no background jobs
+        (no compaction, no trash purge), no metadata backup, its own cache. There is no
+        read-write variant: a second writer on the bucket corrupts the live volume."""
+        argv = [self.bin, "mount", f"sqlite3://{db}", str(mount_point), "--read-only",
+                "--no-bgjob", "--backup-meta", "0", "--cache-dir", str(cache_dir),
+                "--no-usage-report", "--no-syslog"]
+        return Child("juicefs", argv, env=self.env, log=self.log, secrets=self.secrets)
+
+    async def umount_at(self, mount_point: Path, timeout: float = 30.0) -> None:
+        await self._run("umount", "umount", str(mount_point), timeout=timeout)
 
 
 async def lazy_unmount(path: Path, log: Any) -> None:

@@ -71,3 +71,13 @@ class Layout:
     def set_aside_dir(self) -> Path:
         # Metadata files moved out of the way instead of being deleted.
         return self.base_dir / "set-aside"
+
+    @property
+    def history_dir(self) -> Path:
+        # Read-only mounts of past points in time: history/<timestamp>/ (fsm.timetravel).
+        return self.base_dir / "history"
+
+    @property
+    def time_travel_dir(self) -> Path:
+        # Restored metadata copies, their caches, the rollback journal (fsm.timetravel).
+        return self.base_dir / "time-travel"

@@ -12,6 +12,7 @@ from typing import Any
 from .config import Config
 from .errors import ToolError
 from .proc import Child, child_env, run
+from .timepoints import snapshot_lines
 
 REPLICA_PATH = "juicefs-metadata"
 # Makes litestream 0.5 fail to start its S3 replica ("unable to add custom RootCAs").
@@ -44,6 +45,20 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class _DebugOutput:
+    """A logger whose info events go out at debug: `ltx -json` and `restore -json` print
+    several stdout lines per LTX file, which would flood the log at info."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log.debug(event, **fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+
 class LitestreamTool:
     def __init__(self, cfg: Config, log: Any) -> None:
         self.cfg = cfg
@@ -55,17 +70,28 @@ class LitestreamTool:
             "LITESTREAM_SECRET_ACCESS_KEY": cfg.s3_secret_access_key}
         self.env = child_env(extra, drop=_DROPPED_ENV)
         self.secrets = cfg.secrets()
+        # Below the replica root: "" (the root itself) until a rollback starts a new history
+        # there (fsm.timetravel records the switch and sets this before the config is written).
+        self.replica_subpath = ""
+
+    @property
+    def replica_location(self) -> str:
+        """The replica in use: a folder (local mode) or a key prefix in the bucket (S3)."""
+        if self.cfg.local_mode:
+            root = str(self.layout.litestream_replica_dir)
+            return f"{root}/{self.replica_subpath}" if self.replica_subpath else root
+        return f"{REPLICA_PATH}/{self.replica_subpath}" if self.replica_subpath else REPLICA_PATH
 
     def config_text(self) -> str:
         lay = self.layout
         if self.cfg.local_mode:
-            replica = ["      type: file", f"      path: {_q(str(lay.litestream_replica_dir))}"]
+            replica = ["      type: file", f"      path: {_q(self.replica_location)}"]
         else:
             replica = [
                 "      type: s3",
                 f"      endpoint: {_q(self.cfg.s3_endpoint_url)}",
                 f"      bucket: {_q(self.cfg.s3_bucket)}",
-                f"      path: {_q(REPLICA_PATH)}",
+                f"      path: {_q(self.replica_location)}",
                 "      force-path-style: true",
                 # Placeholders expanded by litestream from its own environment.
                 "      access-key-id: ${LITESTREAM_ACCESS_KEY_ID}",
@@ -77,6 +103,7 @@ class LitestreamTool:
             "  enabled: true",
             f"  path: {_q(str(lay.litestream_socket))}",
             "  permissions: 0600",
+            *snapshot_lines(self.cfg),
             "dbs:",
             f"  - path: {_q(str(lay.metadata_db))}",
             "    replica:",
@@ -87,8 +114,10 @@ class LitestreamTool:
     def write_config(self) -> None:
         write_private(self.layout.litestream_config, self.config_text())
 
-    async def _run(self, action: str, *args: str, timeout: float | None = None) -> str:
-        done = await run("litestream", action, [self.bin, *args], env=self.env, log=self.log,
+    async def _run(self, action: str, *args: str, timeout: float | None = None,
+                   quiet: bool = False) -> str:
+        log = _DebugOutput(self.log) if quiet else self.log
+        done = await run("litestream", action, [self.bin, *args], env=self.env, log=log,
                          secrets=self.secrets, timeout=timeout)
         return done.stdout
 
@@ -128,3 +157,28 @@ class LitestreamTool:
         await self._run("sync", "sync", "-wait", "-timeout", f"{int(timeout)}",
                         "-socket", str(self.layout.litestream_socket),
                         str(self.layout.metadata_db), timeout=timeout + 5)
+
+    # ---- time travel (fsm.timetravel) ------------------------------------------------------
+
+    async def ltx_files(self) -> list[dict[str, Any]]:
+        """Every LTX file of the replica in use, all levels (`litestream ltx -json`): `level`,
+        `min_txid`, `max_txid` (hex), `size`, `timestamp` (RFC 3339, whole seconds)."""
+        out = await self._run("ltx", "ltx", "-config", str(self.layout.litestream_config),
+                              "-level", "all", "-json", str(self.layout.metadata_db),
+                              timeout=120, quiet=True)
+        files = json.loads(out) if out.strip() else []
+        return files if isinstance(files, list) else []
+
+    async def restore_to(self, output: Path, timestamp: str, *,
+                         dry_run: bool = False) -> dict[str, Any]:
+        """Restore the replica's state at `timestamp` (RFC 3339) into `output`, a new file
+        (never metadata.db). `dry_run` returns litestream's plan (`files`, `max_txid`)
+        without writing; otherwise the summary (`txid`)."""
+        args = ["restore", "-config", str(self.layout.litestream_config), "-json",
+                "-timestamp", timestamp, "-o", str(output)]
+        if dry_run:
+            args.append("-dry-run")
+        out = await self._run("restore (point in time)", *args, str(self.layout.metadata_db),
+                              timeout=600, quiet=True)
+        summary = json.loads(out) if out.strip() else {}
+        return summary if isinstance(summary, dict) else {}
