@@ -75,7 +75,15 @@ stop() {
     local base=$1 mount ls
     vars "$base"
     mount=$(pid_of "$base" mount) ls=$(pid_of "$base" litestream)
-    "${UMOUNT[@]}" >>"$base/bare-umount.log" 2>&1 || return 1
+    # Anything reading the mount at that instant makes umount fail with "target is busy"
+    # (e.g. another program's scan of every juicefs mount's .config): retry a few times.
+    local try
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        "${UMOUNT[@]}" >>"$base/bare-umount.log" 2>&1 && break
+        [ "$try" = 10 ] && return 1
+        echo "umount attempt $try failed; retrying" >&2
+        nap 0.05
+    done
     wait_gone "$mount"
     # The controller's stop does this barrier too: litestream's own final sync on SIGTERM was
     # seen to upload nothing when it had run for less than a second.
@@ -85,8 +93,17 @@ stop() {
     unset "MOUNT_PID[$base]" "LS_PID[$base]"
 }
 
+leftovers() { # server mode, on exit: nothing of ours stays mounted or running
+    local base
+    for base in "${!MOUNT_PID[@]}"; do
+        umount -l "$base/data" 2>/dev/null
+        kill -TERM "${MOUNT_PID[$base]}" "${LS_PID[$base]}" 2>/dev/null
+    done
+}
+
 serve() {
     local op base arg t0 t1
+    trap leftovers EXIT
     while read -r op base arg; do
         case $op in
             start|stop|checkpoint|restore) ;;

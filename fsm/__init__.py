@@ -4,26 +4,37 @@ from .checkpoints import Checkpoint
 from .config import Config
 from .controller import JuiceFS, Transition
 from .errors import (
+    BrokenRestorePoint,
+    BrowseNotFound,
     CheckpointError,
     CheckpointExists,
     CheckpointNotFound,
     ConfigError,
     ControlError,
     FsmError,
+    HistoryOff,
     InvalidCheckpointId,
     MissingPrerequisite,
     MountLost,
     NotReadyError,
+    OutsideWindow,
     ReplicationLost,
+    RollbackFailed,
     StartError,
     StopError,
+    TimeTravelError,
     ToolError,
+    UnsafeMetadataCopy,
 )
+from .timepoints import RestoreWindow
+from .timetravel import Browse, RollbackResult
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "CheckpointExists", "CheckpointNotFound", "Config",
-    "ConfigError", "ControlError", "FsmError", "InvalidCheckpointId", "JuiceFS",
-    "MissingPrerequisite", "MountLost", "NotReadyError", "ReplicationLost", "StartError",
-    "StopError", "ToolError", "Transition",
+    "BrokenRestorePoint", "Browse", "BrowseNotFound", "Checkpoint", "CheckpointError",
+    "CheckpointExists", "CheckpointNotFound", "Config", "ConfigError", "ControlError",
+    "FsmError", "HistoryOff", "InvalidCheckpointId", "JuiceFS", "MissingPrerequisite",
+    "MountLost", "NotReadyError", "OutsideWindow", "ReplicationLost", "RestoreWindow",
+    "RollbackFailed", "RollbackResult", "StartError", "StopError", "TimeTravelError",
+    "ToolError", "Transition", "UnsafeMetadataCopy",
 ]
 __version__ = "0.1.0"

@@ -61,7 +61,14 @@ class Lifecycle(StateChart[Any]):
     # would otherwise drop it and leave stop() waiting forever.
     error_execution = active.to(failed) | stopping.to(stopped, on="record_stop_error")
     mount_lost = active.to(failed)
-    replication_lost = active.to(failed)
+    # litestream exiting is survivable: while the restart budget lasts (replication_restarts
+    # within replication_restart_window seconds) a restart is scheduled with backoff and the
+    # volume stays where it is (targetless: no state is left, no operation interrupted); the
+    # backoff's end respawns it. Past the budget, failed.
+    replication_lost = active.to(
+        None, cond="replication_restartable", on="schedule_replication_restart"
+    ) | active.to(failed)
+    restart_replication = active.to(None, on="respawn_replicator")
 
 
 LEAF_STATES = tuple(

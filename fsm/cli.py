@@ -161,7 +161,7 @@ def _add_clients(sub: Any) -> None:
 
 
 _AT_HELP = ("the time: ISO 8601 (2026-01-02T03:04:05Z; no zone = local time), Unix seconds, "
-            "or relative such as -90s, -5m, -2h")
+            "or relative: '5m ago', '2 hours ago', or --at=-90s")
 
 
 def _add_time_travel(client: Callable[..., argparse.ArgumentParser]) -> None:
@@ -354,8 +354,8 @@ def _rollback(args: argparse.Namespace) -> int:
         _print_json(done)
     else:
         gc = done["gc"]
-        print(f"rolled back to {done['at']} (replicated state of {done['state_at']}) with "
-              f"{done['downtime_ms']:.0f} ms of downtime\nthe tree it replaced is checkpoint "
+        print(f"rolled back to {done['at']} (replicated state of {done['state_at']}); the mount "
+              f"was offline {done['offline_ms']:.0f} ms\nthe tree it replaced is checkpoint "
               f"{done['checkpoint']['id']}\ngarbage collection: "
               + (gc.get("summary") or "done" if gc.get("ok") else f"failed: {gc.get('error')}"))
     return 0

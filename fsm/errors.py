@@ -63,6 +63,14 @@ class ReplicationLost(FsmError):
     """litestream exited and could not be kept running."""
 
 
+class BaseDirInUse(FsmError):
+    """Another controller (in this or another process) holds this base_dir."""
+
+
+class NoSpace(FsmError):
+    """The filesystem holding base_dir is (nearly) full; the message says how much is free."""
+
+
 class CheckpointError(FsmError):
     """A checkpoint operation failed; the active tree is unchanged."""
 

@@ -15,11 +15,14 @@ from typing import Any
 
 from .config import Config
 from .errors import ToolError
-from .proc import Child, child_env, run
+from .proc import Child, child_env, run, stuck_exiting
 from .timepoints import trash_days_needed
 
 READY_LINE = "is ready at"
 _PROBE_INTERVAL = 0.005
+# A mount point that does not answer a stat within this long is hung (its server is gone).
+_PROBE_TIMEOUT = 2.0
+_STUCK_CONFIRM = 0.1
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -75,10 +78,12 @@ def read_format(db: Path) -> dict[str, Any] | None:
 
 
 def cache_size_mib(cfg: Config) -> int:
-    """80% of the cache filesystem, as the Go package did."""
+    """80% of the cache filesystem, as the Go package did: the one cache/ is on, which is not
+    base_dir's when cache/ has a filesystem of its own."""
     if cfg.cache_size_mib:
         return cfg.cache_size_mib
-    usage = shutil.disk_usage(cfg.layout.base_dir)
+    cache = cfg.layout.cache_dir
+    usage = shutil.disk_usage(cache if cache.is_dir() else cfg.layout.base_dir)
     return max(1, int(usage.total * 0.8) // (1 << 20))
 
 
@@ -224,6 +229,53 @@ class JuiceFSTool:
         if force:
             args.append("--force")
         await self._run("umount", *args, str(self.layout.mount_point), timeout=timeout)
+
+    # ---- faults (docs/faults.md) -------------------------------------------------------------
+
+    async def mount_state(self) -> str:
+        """What is at the mount point, found without risking a hang: "absent" (no FUSE mount),
+        "live" (a serving juicefs mount), "stale" (ENOTCONN: its server is gone), "hung" (no
+        answer: the server is gone but a dying process keeps the connection open) or "other".
+        The probe is a `stat` child, which can be killed; a stat here could block forever."""
+        mp = self.layout.mount_point
+        fstype = mount_fstype(mp)
+        if fstype is None or not fstype.startswith("fuse"):
+            return "absent"
+        try:
+            done = await run("stat", "probe mount", ["stat", "-c", "%i", str(mp)],
+                             env=child_env(), log=self.log, timeout=_PROBE_TIMEOUT)
+        except ToolError as exc:
+            if exc.returncode is None:
+                return "hung"
+            return "stale" if "not connected" in exc.stderr_tail else "other"
+        return "live" if fstype == "fuse.juicefs" and done.stdout.strip() == "1" else "other"
+
+    async def abort_connection(self) -> None:
+        """Abort the FUSE connection at the mount point (`umount -f`; for FUSE that aborts the
+        connection even when the unmount itself is refused as busy): requests waiting for a
+        dead server fail with ENOTCONN, so whatever waits on them can finish."""
+        mp = str(self.layout.mount_point)
+        try:
+            await run("umount", "abort fuse connection", ["umount", "-f", mp], env=child_env(),
+                      log=self.log, timeout=30)
+        except ToolError as exc:  # "target is busy" is expected: the abort still happened
+            self.log.info("fuse_abort_unmount_refused", mount_point=mp, error=str(exc))
+        self.log.warning("fuse_connection_aborted", mount_point=mp)
+
+    async def unstick(self, child: Child) -> None:
+        """Let a mount process that was killed finish dying. kill -9 of both mount processes
+        can leave the supervisor unable to exit: on exit it closes a file on the mount, the
+        kernel sends a FLUSH that only the (dead) server could answer and waits for it
+        uninterruptibly, while the supervisor's own /dev/fuse descriptor keeps the connection
+        open (seen in ~3% of such kills under load). Nothing would ever end it, and any stat
+        of the mount point would hang too. Aborting the connection ends the wait."""
+        pid = child.pid
+        if pid is None or not child.running or not stuck_exiting(pid):
+            return
+        await asyncio.sleep(_STUCK_CONFIRM)  # a normal exit passes through this state briefly
+        if child.running and stuck_exiting(pid):
+            self.log.warning("mount_stuck_exiting", pid=pid)
+            await self.abort_connection()
 
 
     # ---- time travel (fsm.timetravel) ------------------------------------------------------

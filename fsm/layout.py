@@ -65,7 +65,13 @@ class Layout:
 
     @property
     def state_file(self) -> Path:
+        # The children of the controller holding the lock: the next start ends them if it dies.
         return self.base_dir / "fsm.state.json"
+
+    @property
+    def lock_file(self) -> Path:
+        # flock()ed by the controller from start to stop: one controller per base_dir.
+        return self.base_dir / "fsm.lock"
 
     @property
     def set_aside_dir(self) -> Path:

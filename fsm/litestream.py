@@ -130,9 +130,19 @@ class LitestreamTool:
             # Nothing to restore from an empty folder, whatever the replica layout; skipping
             # the process saves ~25 ms of every first start (bench/, BENCHMARKS.md).
             return False
-        await self._run("restore", "restore", "-config", str(self.layout.litestream_config),
-                        "-if-replica-exists", str(self.layout.metadata_db))
-        return self.layout.metadata_db.exists()
+        db = self.layout.metadata_db
+        try:
+            await self._run("restore", "restore", "-config", str(self.layout.litestream_config),
+                            "-if-replica-exists", str(db))
+        except BaseException:
+            # litestream writes <db>.tmp and renames it when complete, so an interrupted
+            # restore leaves no metadata.db, only that partial copy (as big as the db).
+            partial = db.with_name(db.name + ".tmp")
+            if partial.exists():
+                partial.unlink()
+                self.log.info("partial_restore_removed", path=str(partial))
+            raise
+        return db.exists()
 
     def replicate_child(self) -> Child:
         return Child("litestream", [self.bin, "replicate", "-config",

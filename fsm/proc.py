@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .config import install_hint
 from .errors import MissingPrerequisite, ToolError
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -75,8 +76,10 @@ class Child:
                 *self.argv, env=self._env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True)
-        except FileNotFoundError as exc:
-            raise MissingPrerequisite(f"cannot run {self.argv[0]}: {exc}") from exc
+        except (FileNotFoundError, PermissionError) as exc:
+            raise MissingPrerequisite(
+                f"cannot run {self.tool}: {self.argv[0]} {_why(exc)}; "
+                f"{install_hint(self.tool)}") from exc
         assert self._proc.stdout and self._proc.stderr
         self._pumps = [asyncio.create_task(self._pump(self._proc.stdout, "stdout")),
                        asyncio.create_task(self._pump(self._proc.stderr, "stderr"))]
@@ -165,3 +168,77 @@ def child_env(extra: Mapping[str, str] | None = None, drop: Iterable[str] = ()) 
     env = {k: v for k, v in os.environ.items() if k not in set(drop)}
     env.update(extra or {})
     return env
+
+
+def _why(exc: OSError) -> str:
+    return "is not executable" if isinstance(exc, PermissionError) else "does not exist"
+
+
+# ---- processes that are not (or no longer) our children ------------------------------------
+# Orphans of a controller that was killed, and children that cannot finish dying.
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on; the command name before it may hold spaces."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def start_ticks(pid: int) -> int | None:
+    """When the process started (clock ticks after boot): with the pid, an identity that
+    survives pid reuse. None when there is no such process."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
+def alive(pid: int, ticks: int | None = None) -> bool:
+    """The process exists and is not a zombie (and started at `ticks`, if given)."""
+    fields = _stat_fields(pid)
+    if not fields or fields[0] in {"Z", "X"}:
+        return False
+    return ticks is None or start_ticks(pid) == ticks
+
+
+def stuck_exiting(pid: int) -> bool:
+    """Killed, but unable to finish exiting: the main thread is a zombie while another thread
+    is still there (e.g. waiting, uninterruptibly, for a FUSE answer that will never come)."""
+    fields = _stat_fields(pid)
+    if not fields or fields[0] != "Z":
+        return False
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
+
+
+def executable(pid: int) -> str:
+    """The file name of /proc/<pid>/exe ("" if unreadable); ' (deleted)' is dropped."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)")
+    except OSError:
+        return ""
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+async def end_process(pid: int, ticks: int, timeout: float, log: Any, tool: str) -> bool:
+    """SIGTERM a process that is not our child (an orphan), SIGKILL after `timeout`. Signals go
+    only to the process that started at `ticks` (never to a reused pid). True once it is gone."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if not alive(pid, ticks):
+            return True
+        log.warning("orphan_signalled", tool=tool, pid=pid, signal=signal.Signals(sig).name)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while alive(pid, ticks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    return not alive(pid, ticks)

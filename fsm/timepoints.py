@@ -20,7 +20,9 @@ from .errors import OutsideWindow
 _CLOCK_SKEW = timedelta(seconds=5)
 SNAPSHOT_LEVEL = 9
 
-_RELATIVE = re.compile(r"^-\s*(\d+(?:\.\d+)?)\s*(s|sec|secs|m|min|mins|h|hour|hours|d|day|days)$")
+_UNIT = r"(s|secs?|seconds?|m|mins?|minutes?|h|hours?|d|days?)"
+# -90s, -5m ... or "90s ago", "5 minutes ago" (a leading '-' reads as a flag on command lines).
+_RELATIVE = re.compile(rf"^(?:-\s*(\d+(?:\.\d+)?)\s*{_UNIT}|(\d+(?:\.\d+)?)\s*{_UNIT}\s+ago)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -65,7 +67,7 @@ def utc_now() -> datetime:
 def parse_time(value: str | float | datetime, now: datetime | None = None) -> datetime:
     """A point in time as users write it: ISO 8601 (`2026-01-02T03:04:05Z`, an offset, or no
     zone = this machine's local time), Unix seconds (`1767323045`), or relative to now
-    (`-90s`, `-5m`, `-2h`, `-1d`). Always returned in UTC."""
+    (`-90s`, `-5m`, `-2h`, `-1d`, `5m ago`, `2 hours ago`). Always returned in UTC."""
     if isinstance(value, datetime):
         return _aware(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -73,7 +75,8 @@ def parse_time(value: str | float | datetime, now: datetime | None = None) -> da
     text = str(value).strip()
     relative = _RELATIVE.match(text.lower())
     if relative:
-        seconds = float(relative.group(1)) * _UNITS[relative.group(2)[0]]
+        amount, unit = relative.group(1, 2) if relative.group(1) else relative.group(3, 4)
+        seconds = float(amount) * _UNITS[unit[0]]
         return (now or utc_now()) - timedelta(seconds=seconds)
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return datetime.fromtimestamp(float(text), tz=timezone.utc)
@@ -83,7 +86,7 @@ def parse_time(value: str | float | datetime, now: datetime | None = None) -> da
     except ValueError:
         raise OutsideWindow(
             f"cannot read the time {text!r}: use ISO 8601 (2026-01-02T03:04:05Z), Unix seconds, "
-            f"or a time relative to now such as -90s, -5m, -2h") from None
+            f"or a time relative to now such as -90s, -5m, '2h ago'") from None
     return _aware(parsed)
 
 

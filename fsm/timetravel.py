@@ -159,7 +159,7 @@ class RollbackResult:
     txid: str
     checkpoint: Checkpoint
     replica: str
-    downtime_ms: float
+    offline_ms: float  # the mount point served nothing: from the stop to the new mount
     duration_ms: float
     carried: dict[str, int]
     gc: dict[str, Any]
@@ -167,7 +167,7 @@ class RollbackResult:
     def to_json(self) -> dict[str, Any]:
         return {"at": iso(self.at), "state_at": iso(self.state_at) if self.state_at else None,
                 "txid": self.txid, "checkpoint": self.checkpoint.to_json(),
-                "replica": self.replica, "downtime_ms": self.downtime_ms,
+                "replica": self.replica, "offline_ms": self.offline_ms,
                 "duration_ms": self.duration_ms, "carried": self.carried, "gc": self.gc}
 
 
@@ -180,6 +180,7 @@ class _Plan:
     new_subpath: str
     checkpoint: Checkpoint | None = None
     carried: dict[str, int] = field(default_factory=dict)
+    offline_ms: float = 0.0
 
     @property
     def previous_dir(self) -> Path:
@@ -225,6 +226,9 @@ class TimeTravel:
         pointer = await self._read_pointer()
         subpath = _valid_subpath(str(pointer.get("replica", ""))) if pointer else ""
         await asyncio.to_thread(self._recover_rollback, subpath)
+        for work in _children(self.layout.time_travel_dir):  # no journal names them any more
+            if work.name.startswith("rollback-"):
+                await asyncio.to_thread(_remove_tree, work, self.log)
         self.jfs.litestream.replica_subpath = subpath
         if subpath:
             self.log.info("replica_path", replica=self.jfs.litestream.replica_location)
@@ -244,8 +248,12 @@ class TimeTravel:
     async def _clear_leftovers(self) -> None:
         for mp in _children(self.layout.history_dir):
             if mount_fstype(mp) is not None:
+                # A crashed run's browse mount: its juicefs may still serve it.
                 self.log.warning("browse_leftover_unmounted", mount_point=str(mp))
-                await lazy_unmount(mp, self.log)
+                with contextlib.suppress(ToolError):
+                    await self.jfs.juicefs.umount_at(mp)
+                if mount_fstype(mp) is not None:
+                    await lazy_unmount(mp, self.log)
             with contextlib.suppress(OSError):
                 mp.rmdir()
         for work in _children(self.layout.time_travel_dir):
@@ -289,10 +297,10 @@ class TimeTravel:
                                     f"({litestream.replica_location}); `juicefs-fsm history` "
                                     f"shows the window") from exc
             raise
+        os.chmod(db, 0o600)  # the format in it holds the bucket's credentials
         if not _starts_complete(plan):
             raise OutsideWindow(f"the replica has no complete history up to {when} (no "
                                 f"snapshot before it); `juicefs-fsm history` shows the window")
-        os.chmod(db, 0o600)  # the format in it holds the bucket's credentials
         txid = str(summary.get("txid") or "")
         if txid != str(plan.get("max_txid") or txid):
             raise TimeTravelError(f"litestream restored transaction {txid} for {when}, but "
@@ -484,7 +492,6 @@ class TimeTravel:
             raise
         plan = _Plan(at, work, restored, self.jfs.litestream.replica_subpath, name)
         self._write_journal(plan)
-        stopped = time.monotonic()
         self.log.info("rollback_started", at=iso(at), txid=restored.txid, workdir=str(work))
         try:
             await self._switch(plan, uuid)
@@ -496,21 +503,21 @@ class TimeTravel:
             raise RollbackFailed(
                 f"rollback to {iso(at)} failed ({_one_line(str(exc))}); the volume is back as "
                 f"it was before the rollback") from exc
-        downtime = _ms(stopped)
-        self._journal_path().unlink()
+        self._journal_path().unlink(missing_ok=True)  # committed: nothing left to undo
         gc = await self._gc_after_rollback()
         await asyncio.to_thread(_remove_tree, work, self.log)
         assert plan.checkpoint is not None
         result = RollbackResult(at, restored.state_at, restored.txid, plan.checkpoint,
-                                self.jfs.litestream.replica_location, downtime, _ms(started),
-                                plan.carried, gc)
+                                self.jfs.litestream.replica_location, plan.offline_ms,
+                                _ms(started), plan.carried, gc)
         self.log.info("rollback_done", at=iso(at), checkpoint=plan.checkpoint.id,
-                      downtime_ms=downtime, duration_ms=result.duration_ms, gc_ok=gc["ok"])
+                      offline_ms=plan.offline_ms, duration_ms=result.duration_ms, gc_ok=gc["ok"])
         return result
 
     async def _switch(self, plan: _Plan, uuid: str) -> None:
         """Stop the live volume, make the restored copy the primary on a new replica path,
         start, and keep the replaced tree as checkpoint pre-rollback-<unix>."""
+        stopping = time.monotonic()
         problems = await self.jfs._teardown()
         if problems:
             raise RollbackFailed("the live volume did not stop cleanly: " + "; ".join(problems))
@@ -524,7 +531,9 @@ class TimeTravel:
         litestream.write_config()
         await self.jfs.start_replication()
         await self.jfs.mount_volume()
-        self.log.info("rollback_mounted", replica=litestream.replica_location)
+        plan.offline_ms = _ms(stopping)
+        self.log.info("rollback_mounted", replica=litestream.replica_location,
+                      offline_ms=plan.offline_ms)
         plan.checkpoint, plan.carried = await self._carry_over(plan)
         await litestream.sync()
 
@@ -553,13 +562,17 @@ class TimeTravel:
             cp_id = _unique(f"{PRE_ROLLBACK}{int(time.time())}", set(_names(checkpoints)))
             dst = checkpoints / cp_id
             base = self.layout.active_root
+            cloning = time.monotonic()
             if base.is_dir():
                 await self.jfs.juicefs.clone(base, dst)
             else:
                 dst.mkdir()
+            timings = {"clone_ms": _ms(cloning)}
+            diffing = time.monotonic()
             source = mp / base.name
             counts = (await asyncio.to_thread(apply_tree_diff, source, base, dst)
                       if source.is_dir() else {})
+            timings["diff_ms"] = _ms(diffing)
             os.utime(dst)  # created_at
         finally:
             problems = await self._unmount_copy(child, mp)
@@ -567,7 +580,8 @@ class TimeTravel:
                 self.log.warning("carry_over_unmount_incomplete", problems=problems)
         if problems:
             raise RollbackFailed("; ".join(problems))
-        self.log.info("pre_rollback_checkpoint", id=cp_id, duration_ms=_ms(started), **counts)
+        self.log.info("pre_rollback_checkpoint", id=cp_id, duration_ms=_ms(started), **counts,
+                      **timings)
         return Checkpoint.at(dst), counts
 
     async def _commit(self, plan: _Plan) -> None:
@@ -714,7 +728,9 @@ def bump_slice_counter(restored: Path, previous: Path) -> None:
     """Slice ids name the objects (chunks/<id>_<index>_<size>). The restored copy's counter is
     from the past: raise it past every id the abandoned future handed out, so the rolled-back
     volume never writes an object key that already exists."""
-    with contextlib.closing(sqlite3.connect(previous)) as old:
+    # Read-only: closing a writable connection would checkpoint the previous db's WAL, which
+    # litestream tracks; an undone rollback hands that db back to litestream untouched.
+    with contextlib.closing(sqlite3.connect(f"file:{previous}?mode=ro", uri=True)) as old:
         row = old.execute("SELECT value FROM jfs_counter WHERE name = 'nextChunk'").fetchone()
     if row is None:
         return
