@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from . import checkpoints as cps
-from . import s3
+from . import leftovers, s3
 from .chart import Lifecycle
 from .checkpoints import Checkpoint, Operation
 from .config import Config
@@ -30,6 +30,7 @@ from .errors import (
     FsmError,
     MissingPrerequisite,
     MountLost,
+    NoSpace,
     NotReadyError,
     ReplicationLost,
     StartError,
@@ -45,8 +46,19 @@ from .timepoints import RestoreWindow, parse_time
 from .timetravel import Browse, RollbackResult, TimeTravel, TravelOp
 
 _MOUNT_EXIT_GRACE = 10.0
+# The FUSE device (a module constant so a test can point it at a path that does not exist).
+FUSE_DEVICE = "/dev/fuse"
+# Less free space than this where metadata.db lives fails the start (docs/faults.md).
+MIN_FREE_MIB = 16
+# JuiceFS stops caching (and writes through to storage) below this free ratio of cache/.
+_CACHE_FREE_RATIO = 0.1
+# litestream restarts: the first after this many seconds, doubling up to the maximum.
+_RESTART_BACKOFF = 0.2
+_RESTART_BACKOFF_MAX = 5.0
 # After hurry(): how long a child gets between SIGTERM and SIGKILL.
 _HURRIED_GRACE = 2.0
+# How often a watched child is checked on while it runs (a mount stuck while dying).
+_WATCH_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,10 @@ class JuiceFS:
         self._retired_mounts: list[Child] = []  # handed the mount over to a remount
         self._replicator: Child | None = None
         self._watchers: list[asyncio.Task[None]] = []
+        self._lock = leftovers.BaseDirLock(config)
+        self._replication_up = asyncio.Event()  # litestream serves its control socket
+        self._restart_times: deque[float] = deque()  # recent litestream restarts (monotonic)
+        self._restarts = 0
         self._op_lock = asyncio.Lock()
         self._settled = asyncio.Event()  # start() may return: ready, failed or stopped
         self._stopped = asyncio.Event()
@@ -245,6 +261,7 @@ class JuiceFS:
             "base_dir": str(self.config.base_dir),
             "volume_name": self.config.volume_name,
             "pids": self.pids,
+            "restarts": {"litestream": self._restarts},
             "error": str(self._error) if self._error else None,
             "time_travel": self._time_travel.status(),
             "transitions": [t.to_json() for t in self.history],
@@ -300,7 +317,7 @@ class JuiceFS:
     # ---- chart actions: start -----------------------------------------------------------------
 
     async def restore_metadata(self) -> None:
-        await asyncio.to_thread(self._prepare_dirs)
+        await self._prepare()
         # Which replica path is current (a rollback starts a new one); undo a rollback a crash
         # interrupted; clear browse mounts a crash left behind.
         await self._time_travel.before_start()
@@ -342,17 +359,51 @@ class JuiceFS:
         return await with_s3_retries(what, attempt, deadline=self.config.s3_retry_deadline,
                                      log=self.log)
 
-    def _prepare_dirs(self) -> None:
-        if not shutil.which("umount") or not os.path.exists("/dev/fuse"):
+    async def _prepare(self) -> None:
+        """Prerequisites, this base_dir's lock, what a controller that died left behind
+        (fsm.leftovers), then the directories and a free-space check."""
+        await asyncio.to_thread(self._claim_base_dir)
+        await leftovers.clear(self.config, self.log)
+        await asyncio.to_thread(self._prepare_dirs)
+
+    def _claim_base_dir(self) -> None:
+        if not os.path.exists(FUSE_DEVICE):
             raise MissingPrerequisite(
-                "FUSE is not available: /dev/fuse and umount are needed "
-                "(run as root, or in a container with --device /dev/fuse --cap-add SYS_ADMIN)")
+                f"FUSE is not available: {FUSE_DEVICE} does not exist; load the fuse module "
+                f"(modprobe fuse), or run the container with --device /dev/fuse "
+                f"--cap-add SYS_ADMIN")
+        if not shutil.which("umount"):
+            raise MissingPrerequisite("umount was not found on PATH; install util-linux "
+                                      "(Debian/Ubuntu: apt-get install util-linux)")
+        self.layout.base_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+
+    def _prepare_dirs(self) -> None:
         lay = self.layout
-        dirs = [lay.base_dir, lay.cache_dir, lay.mount_point]
+        dirs = [lay.cache_dir, lay.mount_point]
         if self.config.local_mode:
             dirs += [lay.local_storage_dir, lay.litestream_replica_dir]
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
+        self._check_space()
+
+    def _check_space(self) -> None:
+        """Refuse to start on a full disk (SQLite then fails in obscure ways, and in local mode
+        the volume's blocks, stored there too, cannot be written: writes would hang). A
+        nearly full cache/ only costs speed: JuiceFS then writes straight to storage."""
+        base = shutil.disk_usage(self.layout.base_dir)
+        if base.free < MIN_FREE_MIB << 20:
+            raise NoSpace(
+                f"the filesystem of {self.layout.base_dir} has only {base.free / (1 << 20):.1f} "
+                f"MiB free; metadata.db{' and the volume blocks' if self.config.local_mode else ''}"
+                f" live there: free at least {MIN_FREE_MIB} MiB and start again")
+        cache = shutil.disk_usage(self.layout.cache_dir)
+        if cache.free < cache.total * _CACHE_FREE_RATIO:
+            self.log.warning(
+                "cache_space_low", cache_dir=str(self.layout.cache_dir),
+                free_mib=round(cache.free / (1 << 20), 1),
+                total_mib=round(cache.total / (1 << 20), 1),
+                effect="JuiceFS will not cache and writes go straight to storage (slower)")
 
     def needs_format(self) -> bool:
         return self.juicefs.read_format() is None
@@ -374,13 +425,22 @@ class JuiceFS:
     async def start_replication(self) -> None:
         # Time travel: deleted data must outlive the history window (no-op when it is off).
         await self._time_travel.ensure_trash_days()
+        await self._spawn_replicator()
+        # Its control socket takes litestream ~25 ms: mount_volume waits for it alongside the
+        # mount (~70 ms) rather than before it (bench/, BENCHMARKS.md).
+
+    async def _spawn_replicator(self) -> Child:
         with contextlib.suppress(FileNotFoundError):
             self.layout.litestream_socket.unlink()  # a leftover would look like a live server
         child = self.litestream.replicate_child()
         self._replicator = child
         await child.start()
-        # Its control socket takes litestream ~25 ms: mount_volume waits for it alongside the
-        # mount (~70 ms) rather than before it (bench/, BENCHMARKS.md).
+        self._remember_children()
+        return child
+
+    def _remember_children(self) -> None:
+        """For the next start, should this process die (fsm.leftovers)."""
+        leftovers.remember(self.config, [self._mount, self._replicator, *self._retired_mounts])
 
     async def mount_volume(self) -> None:
         if self.juicefs.is_stale():
@@ -389,6 +449,7 @@ class JuiceFS:
         child = self.juicefs.mount_child()
         self._mount = child
         await child.start()
+        self._remember_children()
         replicator = self._replicator
         assert replicator is not None  # replicating comes before mounting
         seconds, _ = await _together(
@@ -396,12 +457,13 @@ class JuiceFS:
             self._replication_serving(replicator))
         self.log.info("mounted", mount_point=str(self.layout.mount_point), pid=child.pid,
                       duration_ms=round(seconds * 1000, 1))
-        self._watch(child, "mount_lost", MountLost)
+        self._watch(child, "mount_lost", MountLost, self.juicefs.unstick)
 
     async def _replication_serving(self, replicator: Child) -> None:
         await self.litestream.wait_serving(replicator)
-        # Watched from here on: litestream dying while the mount comes up fails the start.
-        self._watch(replicator, "replication_lost", ReplicationLost)
+        self._replication_up.set()
+        # Watched from here on: litestream exiting is restarted (or fails the volume).
+        self._watch(replicator, "replication_lost", ReplicationLost, note=self._restart_note)
 
     def announce_ready(self) -> None:
         # mkdir through FUSE on first start; no-ops on later ones.
@@ -409,13 +471,77 @@ class JuiceFS:
         self.layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         self._settled.set()
 
-    def _watch(self, child: Child, event: str, error: type[FsmError]) -> None:
+    def _watch(self, child: Child, event: str, error: type[FsmError],
+               meanwhile: Callable[[Child], Awaitable[None]] | None = None,
+               note: Callable[[], str] = str) -> None:
+        """Send `event` when `child` exits; `meanwhile(child)` runs every 0.5 s until then;
+        `note()` ends the error message."""
         async def watch() -> None:
-            rc = await child.wait()
+            rc = await (_wait_checking(child, meanwhile) if meanwhile and child.running
+                        else child.wait())
             await self._chart.send(event, error=error(
-                f"{child.tool} (pid {child.pid}) exited with {rc} while in use:\n"
+                f"{child.tool} (pid {child.pid}) exited with {rc} while in use{note()}:\n"
                 f"{child.stderr_tail()}"))
+        self._watchers = [t for t in self._watchers if not t.done()]
         self._watchers.append(asyncio.create_task(watch()))
+
+    # ---- chart actions: litestream restarts ---------------------------------------------------
+
+    def replication_restartable(self) -> bool:
+        """Within the budget: fewer than replication_restarts restarts in the window."""
+        now = time.monotonic()
+        while self._restart_times and \
+                now - self._restart_times[0] > self.config.replication_restart_window:
+            self._restart_times.popleft()
+        return len(self._restart_times) < self.config.replication_restarts
+
+    def _restart_note(self) -> str:
+        recent = [t for t in self._restart_times
+                  if time.monotonic() - t <= self.config.replication_restart_window]
+        return (f" ({len(recent)} restart(s) in the last "
+                f"{self.config.replication_restart_window:g} s; replication_restarts="
+                f"{self.config.replication_restarts} allowed)")
+
+    def schedule_replication_restart(self, error: BaseException | None = None) -> None:
+        self._replication_up.clear()
+        self._restart_times.append(time.monotonic())
+        attempt = len(self._restart_times)
+        delay = min(_RESTART_BACKOFF_MAX, _RESTART_BACKOFF * 2 ** (attempt - 1))
+        self.log.warning("replication_restart_scheduled", attempt=attempt,
+                         limit=self.config.replication_restarts,
+                         window_s=self.config.replication_restart_window, in_s=delay,
+                         error=str(error))
+
+        async def after_backoff() -> None:
+            await asyncio.sleep(delay)
+            await self._chart.send("restart_replication")
+        self._watchers.append(asyncio.create_task(after_backoff()))
+
+    async def respawn_replicator(self) -> None:
+        child = await self._spawn_replicator()
+        self._restarts += 1
+        self.log.warning("replication_restarted", pid=child.pid, restarts=self._restarts)
+        self._watch(child, "replication_lost", ReplicationLost, note=self._restart_note)
+        self._watchers.append(asyncio.create_task(self._serving_again(child)))
+
+    async def _serving_again(self, child: Child) -> None:
+        try:
+            await self.litestream.wait_serving(child)
+        except ToolError as exc:
+            if child.running:  # alive but not serving: end it, its watcher counts a restart
+                self.log.error("replication_not_serving", pid=child.pid, error=str(exc))
+                await child.kill()
+            return
+        self._replication_up.set()
+        self.log.info("replication_serving", pid=child.pid)
+
+    async def _sync(self) -> None:
+        """The durability barrier, after a litestream restart in progress (bounded wait; the
+        sync then reports a litestream that is still not back)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._replication_up.wait(),
+                                   self.config.litestream_stop_timeout)
+        await self.litestream.sync()
 
     # ---- chart actions: operations ----------------------------------------------------------
 
@@ -427,7 +553,7 @@ class JuiceFS:
                                        f"delete it first or choose another id")
             await self.juicefs.clone(self.layout.active_root, dst)
             os.utime(dst)  # created_at: the clone copies the active tree's times
-            await self.litestream.sync()
+            await self._sync()
             op.result = Checkpoint.at(dst)
             self.log.info("checkpoint_created", id=op.cp_id)
         return op
@@ -448,7 +574,7 @@ class JuiceFS:
                 await self._roll_back_restore(aside)
                 raise
             os.utime(aside)
-            await self.litestream.sync()
+            await self._sync()
             op.result = Checkpoint.at(aside)
             self.log.info("checkpoint_restored", id=op.cp_id, kept_as=aside.name)
         return op
@@ -498,8 +624,16 @@ class JuiceFS:
         self._stop_problems.append(f"stopping failed: {error}")
 
     def announce_stopped(self) -> None:
+        self._release_base_dir()
         self._settled.set()
         self._stopped.set()
+
+    def _release_base_dir(self) -> None:
+        """Once nothing of ours is left: forget the children and let base_dir go. Otherwise
+        keep both, for a stop() that tries again or (should this process die) the next start."""
+        if self._lock.held and not self._stop_problems:
+            leftovers.forget(self.config)
+            self._lock.release()
 
     async def clean_up(self, error: BaseException | None = None) -> None:
         self._error = error
@@ -516,9 +650,12 @@ class JuiceFS:
         if problems:
             self._stop_problems = problems
             self.log.error("cleanup_incomplete", problems=problems)
+        self._release_base_dir()
 
     async def _teardown(self) -> list[str]:
         """Unmount (flushing writeback data), then stop litestream (its final sync)."""
+        if not self._lock.held:
+            return []  # base_dir never claimed (refused, or not started): nothing is ours
         # After mount_lost/replication_lost this runs inside that child's watcher task:
         # cancelling or awaiting itself would abort the clean-up (and recurse in gather).
         others = [t for t in self._watchers if t is not asyncio.current_task()]
@@ -536,6 +673,8 @@ class JuiceFS:
 
     async def _unmount(self) -> list[str]:
         mp = self.layout.mount_point
+        if self._mount is not None:
+            await self.juicefs.unstick(self._mount)  # else the stat below could hang forever
         unmounted = self.juicefs.is_mounted()
         if unmounted:
             await self._graceful_unmount()
@@ -615,6 +754,7 @@ class JuiceFS:
         try:
             await new.start()
             self._mount, self._retired_mounts = new, [*self._retired_mounts, old]
+            self._remember_children()
             await self.juicefs.wait_taken_over(new, self.config.ready_timeout)
             self.log.info("flush_remounted", pid=new.pid, old_pid=old.pid,
                           duration_ms=round((time.monotonic() - started) * 1000, 1))
@@ -669,6 +809,19 @@ class JuiceFS:
         if finished:
             task.result()
         return finished
+
+
+async def _wait_checking(child: Child, check: Callable[[Child], Awaitable[None]]) -> int:
+    """child.wait(), running `check(child)` every _WATCH_POLL seconds until it returns."""
+    exited = asyncio.ensure_future(child.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait({exited}, timeout=_WATCH_POLL)
+            if done:
+                return exited.result()
+            await check(child)
+    finally:
+        exited.cancel()  # no-op once done
 
 
 async def _together(*steps: Awaitable[Any]) -> list[Any]:

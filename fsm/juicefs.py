@@ -232,23 +232,29 @@ class JuiceFSTool:
 
     # ---- faults (docs/faults.md) -------------------------------------------------------------
 
-    async def mount_state(self) -> str:
-        """What is at the mount point, found without risking a hang: "absent" (no FUSE mount),
-        "live" (a serving juicefs mount), "stale" (ENOTCONN: its server is gone), "hung" (no
-        answer: the server is gone but a dying process keeps the connection open) or "other".
-        The probe is a `stat` child, which can be killed; a stat here could block forever."""
+    async def mount_state(self) -> tuple[str, dict[str, Any]]:
+        """What is at the mount point, found without risking a hang, and the mount's `.config`
+        when it answers: "absent" (no FUSE mount), "live" (a serving juicefs mount), "stale"
+        (ENOTCONN: its server is gone), "hung" (no answer: the server is gone but a dying
+        process keeps the connection open) or "other". The probe reads `.config` in a child
+        process, which can be killed (a read here could block forever); a stat would not do,
+        the kernel answers it from its attribute cache for a second after the server died."""
         mp = self.layout.mount_point
         fstype = mount_fstype(mp)
         if fstype is None or not fstype.startswith("fuse"):
-            return "absent"
+            return "absent", {}
         try:
-            done = await run("stat", "probe mount", ["stat", "-c", "%i", str(mp)],
+            done = await run("cat", "probe mount", ["cat", str(mp / ".config")],
                              env=child_env(), log=self.log, timeout=_PROBE_TIMEOUT)
         except ToolError as exc:
             if exc.returncode is None:
-                return "hung"
-            return "stale" if "not connected" in exc.stderr_tail else "other"
-        return "live" if fstype == "fuse.juicefs" and done.stdout.strip() == "1" else "other"
+                return "hung", {}
+            return ("stale" if "not connected" in exc.stderr_tail else "other"), {}
+        with contextlib.suppress(ValueError):
+            info = json.loads(done.stdout)
+            if fstype == "fuse.juicefs" and isinstance(info, dict):
+                return "live", info
+        return "other", {}
 
     async def abort_connection(self) -> None:
         """Abort the FUSE connection at the mount point (`umount -f`; for FUSE that aborts the

@@ -149,7 +149,7 @@ async def clear(config: Config, log: Any) -> None:
 
 
 async def _clear_mount(config: Config, juicefs: JuiceFSTool, log: Any) -> None:
-    state = await juicefs.mount_state()
+    state, info = await juicefs.mount_state()
     mp = config.layout.mount_point
     if state == "absent":
         return
@@ -158,7 +158,7 @@ async def _clear_mount(config: Config, juicefs: JuiceFSTool, log: Any) -> None:
                        f"unmount it (umount {mp}) and start again")
     log.warning("leftover_mount_found", mount_point=str(mp), mount_state=state)
     if state == "live":
-        await _unmount_orphan(config, juicefs, log)
+        await _unmount_orphan(config, juicefs, info, log)
         return
     if state == "hung":
         await juicefs.abort_connection()
@@ -166,18 +166,17 @@ async def _clear_mount(config: Config, juicefs: JuiceFSTool, log: Any) -> None:
     log.info("leftover_mount_cleared", mount_point=str(mp), mount_state=state)
 
 
-async def _unmount_orphan(config: Config, juicefs: JuiceFSTool, log: Any) -> None:
+async def _unmount_orphan(config: Config, juicefs: JuiceFSTool, info: dict[str, Any],
+                          log: Any) -> None:
     """A serving mount with no controller: unmount it flushing its writeback data, then make
-    sure its processes are gone."""
+    sure its processes (named by its `.config`) are gone."""
     pids: list[tuple[int, int]] = []
-    with contextlib.suppress(OSError, ValueError):
-        info = await asyncio.to_thread(juicefs.mount_info)
-        for key in ("PPid", "Pid"):
-            pid = info.get(key)
-            ticks = proc.start_ticks(pid) if isinstance(pid, int) else None
-            if isinstance(pid, int) and ticks is not None and \
-                    proc.executable(pid).startswith("juicefs"):
-                pids.append((pid, ticks))
+    for key in ("PPid", "Pid"):
+        pid = info.get(key)
+        ticks = proc.start_ticks(pid) if isinstance(pid, int) else None
+        if isinstance(pid, int) and ticks is not None and \
+                proc.executable(pid).startswith("juicefs"):
+            pids.append((pid, ticks))
     started = time.monotonic()
     try:
         await juicefs.umount(flush=True, timeout=config.flush_timeout)
@@ -187,8 +186,8 @@ async def _unmount_orphan(config: Config, juicefs: JuiceFSTool, log: Any) -> Non
     log.info("orphan_mount_unmounted", mount_point=str(config.layout.mount_point),
              pids=[p for p, _ in pids], duration_ms=round((time.monotonic() - started) * 1000, 1))
     deadline = time.monotonic() + _MOUNT_EXIT_WAIT
-    while any(proc.alive(p, t) for p, t in pids) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    while any(proc.alive(p, t) for p, t in pids) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)  # not our children: /proc is all there is to watch
     for pid, ticks in pids:
         # Seen: after the unmount, an orphan's FUSE server ignored SIGTERM (SIGKILL follows).
         await proc.end_process(pid, ticks, 2.0, log, "juicefs")

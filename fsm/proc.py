@@ -239,6 +239,6 @@ async def end_process(pid: int, ticks: int, timeout: float, log: Any, tool: str)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while alive(pid, ticks) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        while alive(pid, ticks) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # not our child: /proc is all there is to watch
     return not alive(pid, ticks)

@@ -282,6 +282,9 @@ class FakeJuiceFS:
         self.world.record("juicefs.lazy_unmount")
         self.world.attached = False
 
+    async def unstick(self, child: Any) -> None:
+        """A fake process never gets stuck while dying (the real case: docs/faults.md)."""
+
     async def umount(self, *, flush: bool, force: bool = False, timeout: float) -> None:
         if message := await self.world.step("juicefs.umount"):
             raise _fail("juicefs", "umount", message)

@@ -113,8 +113,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.new_controller()
 
     def new_controller(self) -> None:
+        # replication_restarts=0: litestream exiting fails the volume at once, as this model
+        # expects (restarts with backoff are tested on real processes in tests/test_faults.py).
         cfg = Config(base_dir=self.tmp / "vol", local_mode=True, volume_name="test-volume",
-                     upload_delay=self.upload_delay, history_size=500)
+                     upload_delay=self.upload_delay, history_size=500, replication_restarts=0)
         jfs = JuiceFS(cfg, juicefs=FakeJuiceFS(self.world, cfg),  # type: ignore[arg-type]
                       litestream=FakeLitestream(self.world, cfg))  # type: ignore[arg-type]
         self.taken = []
