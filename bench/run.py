@@ -136,6 +136,7 @@ class Recorder:
     def __init__(self) -> None:
         self.samples: dict[str, dict[Side, list[float]]] = {}
         self.stages: dict[str, dict[str, list[float]]] = {}
+        self.own: dict[str, list[float]] = {}  # the controller's own seconds per operation
 
     def add(self, metric: str, side: Side, seconds: float) -> None:
         self.samples.setdefault(metric, {"controller": [], "bare": []})[side].append(seconds)
@@ -254,6 +255,7 @@ async def bench_trees(rec: Recorder, bare: Bare, work: Path, sizes: list[int],
                       rounds: dict[int, int]) -> dict[str, Any]:
     ctl_base, bare_base = work / "controller-tree", work / "bare-tree"
     jfs = JuiceFS(config(ctl_base))
+    time_tools(jfs)
     emit(bare_base, VOLUME)
     extra: dict[str, Any] = {}
     bare_up = False
@@ -310,12 +312,37 @@ async def settle(pids: list[int], limit: float = 15.0) -> float:
     return time.monotonic() - started
 
 
+# Seconds the controller spent waiting for `juicefs clone` and `litestream sync`, per controller:
+# an operation's time minus these is the controller's own cost, which the load on a shared
+# machine cannot blur the way it blurs the controller/bare ratio.
+TOOL_TIME: dict[JuiceFS, float] = {}
+
+
+def time_tools(jfs: JuiceFS) -> None:
+    def timing(step: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def timed_step(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await step(*args, **kwargs)
+            finally:
+                TOOL_TIME[jfs] = TOOL_TIME.get(jfs, 0.0) + time.perf_counter() - started
+        return timed_step
+
+    jfs.juicefs.clone = timing(jfs.juicefs.clone)  # type: ignore[method-assign]
+    jfs.litestream.sync = timing(jfs.litestream.sync)  # type: ignore[method-assign]
+
+
 async def tree_round(rec: Recorder, side: Side, jfs: JuiceFS, bare: Bare, bare_base: Path,
                      size: int, cp: str) -> None:
     if side == "controller":
-        cp_s = await timed(lambda: jfs.checkpoint(cp))
-        rs_s = await timed(lambda: jfs.restore(cp))
-        base = Path(jfs.config.base_dir)
+        for op, call in (("checkpoint", jfs.checkpoint), ("restore", jfs.restore)):
+            in_tools = TOOL_TIME.pop(jfs, 0.0)
+            took = await timed(lambda call=call: call(cp))
+            rec.add(f"{op} {size // 1000}k", side, took)
+            rec.own.setdefault(f"{op} {size // 1000}k", []).append(
+                took - (TOOL_TIME.pop(jfs, 0.0) - in_tools))
+        await asyncio.to_thread(clean_checkpoints, Path(jfs.config.base_dir))
+        return
     else:
         cp_s = await bare.call("checkpoint", bare_base, cp)
         rs_s = await bare.call("restore", bare_base, cp)
@@ -525,6 +552,16 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "Ratios are controller/bare. The verdict uses the paired ratio: the median over "
               "rounds of controller/bare within a round (both sides run back to back in each "
               "round, alternating which goes first)."]
+    own = res.get("controller_own_ms") or {}
+    if own:
+        lines += ["", "The controller's own time per operation: its time minus the time it spent "
+                  "waiting for `juicefs clone` and `litestream sync -wait` (the same commands "
+                  "the bare side runs):", "", "| operation | median ms | max ms | % of the "
+                  "operation |", "|---|---:|---:|---:|"]
+        for name in [m for m in ORDER if m in own]:
+            o = own[name]
+            lines.append(f"| {name} | {o['median_ms']:.2f} | {o['max_ms']:.2f} | "
+                         f"{o['percent_of_median_op']:.2f}% |")
     costs = res.get("per_file_us") or {}
     if costs:
         lines += ["", "Cost per file in microseconds, controller / bare: the average (median time"
@@ -689,6 +726,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     res["environment"] = environment(load_before)
     res["metrics"] = rec.result()
     res["per_file_us"] = per_file(res["metrics"])
+    res["controller_own_ms"] = {
+        metric: {"median_ms": ms(statistics.median(v)), "max_ms": ms(max(v)),
+                 "percent_of_median_op": round(100 * statistics.median(v) / statistics.median(
+                     rec.samples[metric]["controller"]), 2)}
+        for metric, v in rec.own.items()}
     res["controller_stages_ms"] = {
         kind: {state: round(statistics.median(v), 1) for state, v in states.items()}
         for kind, states in rec.stages.items()}

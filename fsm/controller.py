@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import time
@@ -59,6 +60,8 @@ _RESTART_BACKOFF_MAX = 5.0
 _HURRIED_GRACE = 2.0
 # How often a watched child is checked on while it runs (a mount stuck while dying).
 _WATCH_POLL = 0.5
+# The longest teardown waits for a cancelled action to unwind (it kills its child at once).
+_ACTION_UNWIND = 10.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,25 @@ class Transition:
 
 
 Observer = Callable[[Transition], None]
+
+
+_Action = Callable[..., Awaitable[Any]]
+
+
+def _unwound_before_teardown(action: _Action) -> _Action:
+    """Marks a chart action (an invoke) that a stop or a failure may cancel midway: teardown
+    waits until it has unwound (its one-shot child killed and reaped, partial files removed)
+    before it returns, so nothing of it outlives stop()."""
+    @functools.wraps(action)
+    async def tracked(self: JuiceFS, *args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        self._actions.add(task)
+        try:
+            return await action(self, *args, **kwargs)
+        finally:
+            self._actions.discard(task)
+    return tracked
 
 
 def _event_name(event: Any) -> str:
@@ -103,6 +125,7 @@ class JuiceFS:
         self._retired_mounts: list[Child] = []  # handed the mount over to a remount
         self._replicator: Child | None = None
         self._watchers: list[asyncio.Task[None]] = []
+        self._actions: set[asyncio.Task[Any]] = set()  # see _unwound_before_teardown
         self._lock = leftovers.BaseDirLock(config)
         self._replication_up = asyncio.Event()  # litestream serves its control socket
         self._restart_times: deque[float] = deque()  # recent litestream restarts (monotonic)
@@ -316,6 +339,7 @@ class JuiceFS:
 
     # ---- chart actions: start -----------------------------------------------------------------
 
+    @_unwound_before_teardown
     async def restore_metadata(self) -> None:
         await self._prepare()
         # Which replica path is current (a rollback starts a new one); undo a rollback a crash
@@ -408,6 +432,7 @@ class JuiceFS:
     def needs_format(self) -> bool:
         return self.juicefs.read_format() is None
 
+    @_unwound_before_teardown
     async def format_volume(self) -> None:
         # juicefs stores the credentials in the format: create the db owner-only first.
         db = self.layout.metadata_db
@@ -422,6 +447,7 @@ class JuiceFS:
         self.log.info("volume_formatted", volume=self.config.volume_name,
                       storage=self.config.mode)
 
+    @_unwound_before_teardown
     async def start_replication(self) -> None:
         # Time travel: deleted data must outlive the history window (no-op when it is off).
         await self._time_travel.ensure_trash_days()
@@ -442,6 +468,7 @@ class JuiceFS:
         """For the next start, should this process die (fsm.leftovers)."""
         leftovers.remember(self.config, [self._mount, self._replicator, *self._retired_mounts])
 
+    @_unwound_before_teardown
     async def mount_volume(self) -> None:
         if self.juicefs.is_stale():
             self.log.warning("stale_mount_cleared", mount_point=str(self.layout.mount_point))
@@ -545,6 +572,7 @@ class JuiceFS:
 
     # ---- chart actions: operations ----------------------------------------------------------
 
+    @_unwound_before_teardown
     async def take_checkpoint(self, op: Operation) -> Operation:
         dst = self._cp_path(op.cp_id)
         with op.capture(f"checkpoint {op.cp_id!r}"):
@@ -558,13 +586,15 @@ class JuiceFS:
             self.log.info("checkpoint_created", id=op.cp_id)
         return op
 
+    @_unwound_before_teardown
     async def restore_checkpoint_tree(self, op: Operation) -> Operation:
         src = self._cp_path(op.cp_id)
         active = self.layout.active_root
         with op.capture(f"restore of {op.cp_id!r}"):
             if not src.is_dir():
-                raise CheckpointNotFound(f"checkpoint {op.cp_id!r} does not exist; "
-                                         f"list them with list_checkpoints()")
+                raise CheckpointNotFound(
+                    f"checkpoint {op.cp_id!r} does not exist; list them with "
+                    f"list_checkpoints() or `juicefs-fsm checkpoints`")
             taken = {e.name for e in os.scandir(self.layout.checkpoints_dir)}
             aside = self._cp_path(cps.pre_restore_id(op.cp_id, taken))
             os.rename(active, aside)
@@ -654,6 +684,9 @@ class JuiceFS:
 
     async def _teardown(self) -> list[str]:
         """Unmount (flushing writeback data), then stop litestream (its final sync)."""
+        stopped = [t for t in self._actions if t is not asyncio.current_task()]
+        if stopped:  # cancelled by leaving their state: let them unwind first
+            await asyncio.wait(stopped, timeout=_ACTION_UNWIND)
         if not self._lock.held:
             return []  # base_dir never claimed (refused, or not started): nothing is ours
         # After mount_lost/replication_lost this runs inside that child's watcher task:

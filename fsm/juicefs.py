@@ -249,7 +249,9 @@ class JuiceFSTool:
         except ToolError as exc:
             if exc.returncode is None:
                 return "hung", {}
-            return ("stale" if "not connected" in exc.stderr_tail else "other"), {}
+            # ENOTCONN, or ECONNABORTED once the connection was aborted
+            dead = ("not connected", "connection abort")
+            return ("stale" if any(d in exc.stderr_tail for d in dead) else "other"), {}
         with contextlib.suppress(ValueError):
             info = json.loads(done.stdout)
             if fstype == "fuse.juicefs" and isinstance(info, dict):

@@ -53,7 +53,7 @@ ConfigFactory = Callable[..., Config]
 def nothing_survives(tmp_path: Path) -> Iterator[None]:
     """Whatever a test did or where it failed: no mount and no process of it survives."""
     yield
-    for state in tmp_path.rglob("fsm.state.json"):
+    for state in [*tmp_path.glob("fsm.state.json"), *tmp_path.glob("*/fsm.state.json")]:
         try:
             children = json.loads(state.read_text()).get("children", [])
         except (OSError, ValueError):
@@ -345,7 +345,7 @@ async def test_a_stale_mount_at_start_is_cleared_before_anything_else(
     async with JuiceFS(cfg) as jfs:
         (jfs.active_dir / "kept.txt").write_text("from before the stale mount")
     _stale_mount(cfg)
-    with pytest.raises(OSError, match="not connected"):
+    with pytest.raises(OSError, match=r"not connected|connection abort"):
         os.stat(cfg.layout.mount_point / "active")
     if then != "keep-metadata":
         for leftover in cfg.layout.base_dir.glob("metadata.db*"):
@@ -382,8 +382,8 @@ async def test_stop_during_a_checkpoint_lets_it_finish_then_stops_cleanly(
     await _until((tmp_path / "cloning").exists, "clone running")
     stopping = asyncio.create_task(jfs.stop())
     await asyncio.sleep(0.05)
-    with pytest.raises(NotReadyError, match="stopping"):
-        await jfs.checkpoint("too-late")  # asked for after stop: refused, not queued
+    with pytest.raises(NotReadyError, match="stopped"):
+        await jfs.checkpoint("too-late")  # asked for after stop(): refused once it is done
     checkpoint = await checkpointing
     await stopping
     assert checkpoint.id == "cp" and jfs.state == "stopped"
@@ -393,8 +393,10 @@ async def test_stop_during_a_checkpoint_lets_it_finish_then_stops_cleanly(
     async with JuiceFS(local_config()) as again:
         assert [c.id for c in await again.list_checkpoints()] == ["cp"]
         _assert_files(again.layout.checkpoints_dir / "cp" / "fs", files)
-        assert sorted(p.name for p in again.layout.mount_point.iterdir()) == \
-            ["active", "checkpoints"], "no half-made or partial directory"
+        ours = sorted(p.name for p in again.layout.mount_point.iterdir()
+                      if not p.name.startswith("."))  # juicefs's own .stats, .config, ...
+        assert ours == ["active", "checkpoints"], "no half-made or partial directory"
+        assert not [p for p in again.layout.mount_point.glob(".fsm-*")]
 
 
 async def test_stop_during_a_restore_lets_it_finish_then_stops_cleanly(
@@ -451,7 +453,7 @@ async def test_stop_during_the_metadata_restore_leaves_no_half_written_database(
     with sqlite3.connect(cfg.layout.metadata_db) as conn:
         conn.execute("CREATE TABLE fsm_test_ballast (b BLOB)")
         conn.executemany("INSERT INTO fsm_test_ballast VALUES (?)",
-                         ((os.urandom(1 << 20),) for _ in range(96)))
+                         ((os.urandom(1 << 20),) for _ in range(48)))
     async with JuiceFS(cfg):
         pass  # replicates the ballast
     for leftover in cfg.layout.base_dir.glob("metadata.db*"):
@@ -503,7 +505,8 @@ def test_sigterm_to_the_daemon_during_a_checkpoint_finishes_it_then_exits_0(
         assert again.wait(30) != 0
         assert again.stderr is not None
         error = again.stderr.read()
-        assert "already exists" in error or "stopping" in error, error
+        # Serialized behind the first and the stop: refused, with the reason.
+        assert "already exists" in error or "while the volume is stopp" in error, error
         assert daemon.wait_exit() == 0
         assert_nothing_left(daemon.base_dir, daemon.pids)
     finally:
@@ -560,13 +563,13 @@ async def test_two_checkpoints_with_one_id_at_once_one_is_made_one_refused(
 # ---- 7. the cache filesystem is nearly full ------------------------------------------------
 
 @pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Callable[[Path, int], None]]:
-    """Mounts a 16 MiB tmpfs at a path and fills it up to `free` bytes; unmounted after."""
+def small_fs(tmp_path: Path) -> Iterator[Callable[..., None]]:
+    """Mounts a small tmpfs at a path and fills it up to `free` bytes; unmounted after."""
     mounted: list[Path] = []
 
-    def make(path: Path, free: int) -> None:
+    def make(path: Path, free: int, size_mib: int = 16) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)],
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
                        check=True)
         mounted.append(path)
         filler = path / "filler"
@@ -586,7 +589,7 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[[Path, int], None]]:
 
 
 async def test_a_nearly_full_cache_filesystem_gives_a_smaller_cache_not_a_hang(
-        local_config: ConfigFactory, small_fs: Callable[[Path, int], None]) -> None:
+        local_config: ConfigFactory, small_fs: Callable[..., None]) -> None:
     cfg = local_config()
     small_fs(cfg.layout.cache_dir, 256 << 10)
     data = os.urandom(6 << 20)
@@ -605,9 +608,9 @@ async def test_a_nearly_full_cache_filesystem_gives_a_smaller_cache_not_a_hang(
 
 
 async def test_a_full_base_dir_filesystem_fails_the_start_with_a_clear_error(
-        local_config: ConfigFactory, small_fs: Callable[[Path, int], None]) -> None:
+        local_config: ConfigFactory, small_fs: Callable[..., None]) -> None:
     cfg = local_config()
-    small_fs(cfg.layout.base_dir, 64 << 10)
+    small_fs(cfg.layout.base_dir, 64 << 10, size_mib=32)
     jfs = JuiceFS(cfg)
     started = time.monotonic()
     with pytest.raises(StartError) as info:
