@@ -4,6 +4,7 @@ from .checkpoints import Checkpoint
 from .config import Config
 from .controller import JuiceFS, Transition
 from .errors import (
+    BaseDirInUse,
     BrokenRestorePoint,
     BrowseNotFound,
     CheckpointError,
@@ -16,6 +17,7 @@ from .errors import (
     InvalidCheckpointId,
     MissingPrerequisite,
     MountLost,
+    NoSpace,
     NotReadyError,
     OutsideWindow,
     ReplicationLost,
@@ -30,11 +32,11 @@ from .timepoints import RestoreWindow
 from .timetravel import Browse, RollbackResult
 
 __all__ = [
-    "BrokenRestorePoint", "Browse", "BrowseNotFound", "Checkpoint", "CheckpointError",
-    "CheckpointExists", "CheckpointNotFound", "Config", "ConfigError", "ControlError",
-    "FsmError", "HistoryOff", "InvalidCheckpointId", "JuiceFS", "MissingPrerequisite",
-    "MountLost", "NotReadyError", "OutsideWindow", "ReplicationLost", "RestoreWindow",
-    "RollbackFailed", "RollbackResult", "StartError", "StopError", "TimeTravelError",
-    "ToolError", "Transition", "UnsafeMetadataCopy",
+    "BaseDirInUse", "BrokenRestorePoint", "Browse", "BrowseNotFound", "Checkpoint",
+    "CheckpointError", "CheckpointExists", "CheckpointNotFound", "Config", "ConfigError",
+    "ControlError", "FsmError", "HistoryOff", "InvalidCheckpointId", "JuiceFS",
+    "MissingPrerequisite", "MountLost", "NoSpace", "NotReadyError", "OutsideWindow",
+    "ReplicationLost", "RestoreWindow", "RollbackFailed", "RollbackResult", "StartError",
+    "StopError", "TimeTravelError", "ToolError", "Transition", "UnsafeMetadataCopy",
 ]
 __version__ = "0.1.0"

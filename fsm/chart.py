@@ -15,7 +15,8 @@ from statemachine import State, StateChart
 class Lifecycle(StateChart[Any]):
     """uninitialized -> restoring_metadata -> [formatting] -> replicating -> mounting -> ready;
     ready <-> checkpointing / restoring_checkpoint / rolling_back; stop from anywhere; failed on
-    any error."""
+    any error, or when the mount dies; litestream dying is restarted in place (a loop on active)
+    until its restart budget is spent, then failed."""
 
     uninitialized = State("Uninitialized", initial=True)
 

@@ -706,8 +706,9 @@ class JuiceFS:
 
     async def _unmount(self) -> list[str]:
         mp = self.layout.mount_point
-        if self._mount is not None:
-            await self.juicefs.unstick(self._mount)  # else the stat below could hang forever
+        if self._mount is None:
+            return []  # never mounted: whatever is at data/ is not ours (fsm.leftovers)
+        await self.juicefs.unstick(self._mount)  # else the stat below could hang forever
         unmounted = self.juicefs.is_mounted()
         if unmounted:
             await self._graceful_unmount()

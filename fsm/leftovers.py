@@ -97,7 +97,8 @@ def remember(config: Config, children: list[Child | Any]) -> None:
             records.append(ProcessRecord(child.tool, pid, ticks))
     text = json.dumps({"controller_pid": os.getpid(),
                        "children": [asdict(r) for r in records]}, indent=1)
-    write_private(config.layout.state_file, text + "\n")
+    # No fsync: the record is about processes, and none survive a power loss.
+    write_private(config.layout.state_file, text + "\n", durable=False)
 
 
 def forget(config: Config) -> None:
@@ -153,6 +154,8 @@ async def _clear_mount(config: Config, juicefs: JuiceFSTool, log: Any) -> None:
     mp = config.layout.mount_point
     if state == "absent":
         return
+    if state == "live" and (info.get("Format") or {}).get("Name") != config.volume_name:
+        state = "other"  # a juicefs mount, but of another volume: not ours to unmount
     if state == "other":
         raise FsmError(f"{mp} is a mount point, but not a juicefs mount of this volume; "
                        f"unmount it (umount {mp}) and start again")

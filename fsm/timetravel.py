@@ -55,7 +55,8 @@ from .errors import (
 )
 from .juicefs import is_juicefs_mount, is_stale_mount, lazy_unmount, mount_fstype, read_format
 from .litestream import REPLICA_PATH, write_private
-from .proc import Child
+from .logs import get_logger
+from .proc import Child, child_env, run
 from .timepoints import (
     SNAPSHOT_LEVEL,
     RestoreWindow,
@@ -703,25 +704,35 @@ def juicefs_mount_points() -> list[Path]:
     return found
 
 
-def _writable_mounts(uuid: str, exclude: Path | None) -> list[Path]:
-    skip = os.path.realpath(exclude) if exclude is not None else None
-    found = []
-    for mp in juicefs_mount_points():
-        if str(mp) == skip:
-            continue
-        try:
-            info = json.loads((mp / ".config").read_text())
-        except (OSError, ValueError):
-            continue  # stale, or not answering: it serves nothing
-        if (info.get("Format") or {}).get("UUID") == uuid and not (
-                info.get("Meta") or {}).get("ReadOnly"):
-            found.append(mp)
-    return found
+def _real_mount_point(mp: Path) -> str:
+    # Resolve the parent only: resolving the mount point itself would ask its FUSE server.
+    return os.path.join(os.path.realpath(mp.parent), mp.name)
+
+
+async def _mount_config(mp: Path) -> dict[str, Any] | None:
+    """`<mp>/.config`, read by a child process with a timeout: a hung FUSE mount anywhere on
+    the host would block a read here forever (and the thread pool with it)."""
+    try:
+        done = await run("cat", "probe mount", ["cat", str(mp / ".config")], env=child_env(),
+                         log=get_logger(), timeout=5)
+        info = json.loads(done.stdout)
+    except (FsmError, ValueError):
+        return None  # stale, hung or not juicefs: it serves nothing
+    return info if isinstance(info, dict) else None
 
 
 async def writable_mounts(uuid: str, exclude: Path | None) -> list[Path]:
     """Read-write mounts of the volume `uuid` on this host, other than `exclude`."""
-    return await asyncio.wait_for(asyncio.to_thread(_writable_mounts, uuid, exclude), 30)
+    skip = _real_mount_point(exclude) if exclude is not None else None
+    found = []
+    for mp in juicefs_mount_points():
+        if str(mp) == skip:
+            continue
+        info = await _mount_config(mp)
+        if info and (info.get("Format") or {}).get("UUID") == uuid and not (
+                info.get("Meta") or {}).get("ReadOnly"):
+            found.append(mp)
+    return found
 
 
 def bump_slice_counter(restored: Path, previous: Path) -> None:

@@ -117,14 +117,23 @@ def _assert_files(root: Path, files: dict[str, bytes]) -> None:
         assert (root / name).read_bytes() == data, name
 
 
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    """A process of the test's own (a mount no controller owns), in its own session."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _juicefs_umount(cfg: Config, mount: subprocess.Popen[bytes]) -> None:
+    subprocess.run([str(cfg.juicefs_bin), "umount", str(cfg.layout.mount_point)],
+                   capture_output=True, check=False)
+    mount.wait(30)
+
+
 def _stale_mount(cfg: Config) -> None:
     """A real stale FUSE mount at {base_dir}/data (ENOTCONN): a juicefs mount whose processes
     were killed. The supervisor dies first and completely, then the server: so no dying process
     keeps the connection open (the mount is stale, not hung)."""
-    tool = JuiceFSTool(cfg, get_logger())
-    mount = subprocess.Popen(tool.mount_argv(), stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    mount = _spawn(JuiceFSTool(cfg, get_logger()).mount_argv())
     deadline = time.monotonic() + 30
     while mount_fstype(cfg.layout.mount_point) != "fuse.juicefs":
         assert mount.poll() is None and time.monotonic() < deadline, "mount did not come up"
@@ -294,8 +303,7 @@ async def test_after_the_controller_is_killed_the_next_start_clears_its_orphans(
     assert not cfg.layout.state_file.exists()
 
 
-def test_after_the_daemon_is_killed_a_new_daemon_takes_over_the_volume(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_after_the_daemon_is_killed_a_new_daemon_takes_over_the_volume(tmp_path: Path) -> None:
     from tests.test_daemon import RunningDaemon
 
     first = RunningDaemon(tmp_path / "vol", str(tmp_path / "first.notify"))
@@ -366,6 +374,29 @@ async def test_a_stale_mount_at_start_is_cleared_before_anything_else(
     assert next(e for e in logs if e["event"] == "leftover_mount_cleared")
     if then == "restore-metadata":
         assert any(e["event"] == "metadata_restored" for e in logs)
+
+
+async def test_another_volumes_mount_at_data_is_refused_and_left_alone(
+        local_config: ConfigFactory, tmp_path: Path) -> None:
+    other = local_config(base_dir=tmp_path / "other", volume_name="other-volume")
+    async with JuiceFS(other):
+        pass  # formatted
+    cfg = local_config()
+    cfg.layout.mount_point.mkdir(parents=True)
+    argv = JuiceFSTool(other, get_logger()).mount_argv()
+    argv[argv.index(str(other.layout.mount_point))] = str(cfg.layout.mount_point)
+    mount = _spawn(argv)
+    try:
+        await _until(lambda: mount_fstype(cfg.layout.mount_point) == "fuse.juicefs",
+                     "other volume mounted", timeout=30)
+        jfs = JuiceFS(cfg)
+        with pytest.raises(StartError, match="not a juicefs mount of this volume"):
+            await jfs.start()
+        await jfs.stop()
+        assert mount_fstype(cfg.layout.mount_point) == "fuse.juicefs", "not ours: left alone"
+        assert mount.poll() is None
+    finally:
+        _juicefs_umount(cfg, mount)
 
 
 # ---- 5. stop / SIGTERM in the middle of things ---------------------------------------------
