@@ -484,6 +484,10 @@ class JuiceFS:
             self._replication_serving(replicator))
         self.log.info("mounted", mount_point=str(self.layout.mount_point), pid=child.pid,
                       duration_ms=round(seconds * 1000, 1))
+        # mkdir through FUSE on a first start, no-ops later. Here, not on entering ready: ready
+        # is re-entered after every operation, and these cost ~1 ms each time (bench/).
+        self.layout.active_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         self._watch(child, "mount_lost", MountLost, self.juicefs.unstick)
 
     async def _replication_serving(self, replicator: Child) -> None:
@@ -493,9 +497,6 @@ class JuiceFS:
         self._watch(replicator, "replication_lost", ReplicationLost, note=self._restart_note)
 
     def announce_ready(self) -> None:
-        # mkdir through FUSE on first start; no-ops on later ones.
-        self.layout.active_dir.mkdir(parents=True, exist_ok=True)
-        self.layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         self._settled.set()
 
     def _watch(self, child: Child, event: str, error: type[FsmError],
