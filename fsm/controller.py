@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import os
 import shutil
 import time
@@ -41,12 +42,16 @@ from .errors import (
 from .juicefs import JuiceFSTool
 from .litestream import LitestreamTool
 from .logs import ensure_configured, get_logger
-from .proc import Child
+from .proc import Child, holders
 from .retry import classify_tool_error, with_s3_retries
 from .timepoints import RestoreWindow, parse_time
 from .timetravel import Browse, RollbackResult, TimeTravel, TravelOp
 
 _MOUNT_EXIT_GRACE = 10.0
+# A busy mount point gets this long to be left before the force unmount (DESIGN: a bounded
+# wait before force/lazy).
+_BUSY_WAIT = 5.0
+_BUSY_RETRY = 0.25
 # The FUSE device (a module constant so a test can point it at a path that does not exist).
 FUSE_DEVICE = "/dev/fuse"
 # Less free space than this where metadata.db lives fails the start (docs/faults.md).
@@ -737,8 +742,7 @@ class JuiceFS:
         started = time.monotonic()
         await self._unless_hurried(self._flush_writeback())
         try:
-            if await self._unless_hurried(
-                    self.juicefs.umount(flush=True, timeout=self.config.flush_timeout)):
+            if await self._unless_hurried(self._umount_flush()):
                 self.log.info("unmounted", flush=True,
                               duration_ms=round((time.monotonic() - started) * 1000, 1))
                 return
@@ -746,8 +750,24 @@ class JuiceFS:
         except ToolError as exc:
             self.log.warning("unmount_flush_failed", error=str(exc))
         # Only after the bounded flush: force may drop staged blocks, so it is the fallback.
-        await _best_effort(self.juicefs.umount(flush=False, force=True, timeout=30),
-                           self.log, "unmount_force")
+        await _best_effort(self.juicefs.force_unmount(), self.log, "unmount_force")
+
+    async def _umount_flush(self) -> None:
+        """`juicefs umount --flush`. A busy mount point (a shell or program still inside) is
+        retried for _BUSY_WAIT seconds, naming the processes that hold it: a program finishing
+        its writes then gets a clean unmount instead of the force fallback."""
+        deadline = time.monotonic() + _BUSY_WAIT
+        for attempt in itertools.count():
+            try:
+                await self.juicefs.umount(flush=True, timeout=self.config.flush_timeout)
+                return
+            except ToolError as exc:
+                if "busy" not in exc.stderr_tail or time.monotonic() >= deadline:
+                    raise
+                if attempt == 0:
+                    self.log.warning("unmount_busy", wait_s=_BUSY_WAIT,
+                                     holders=holders(self.layout.mount_point))
+            await asyncio.sleep(_BUSY_RETRY)
 
 
     async def _final_sync(self) -> list[str]:

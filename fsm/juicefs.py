@@ -222,12 +222,8 @@ class JuiceFSTool:
     async def lazy_unmount(self) -> None:
         await lazy_unmount(self.layout.mount_point, self.log)
 
-    async def umount(self, *, flush: bool, force: bool = False, timeout: float) -> None:
-        args = ["umount"]
-        if flush:
-            args.append("--flush")
-        if force:
-            args.append("--force")
+    async def umount(self, *, flush: bool, timeout: float) -> None:
+        args = ["umount", "--flush"] if flush else ["umount"]
         await self._run("umount", *args, str(self.layout.mount_point), timeout=timeout)
 
     # ---- faults (docs/faults.md) -------------------------------------------------------------
@@ -269,6 +265,15 @@ class JuiceFSTool:
         except ToolError as exc:  # "target is busy" is expected: the abort still happened
             self.log.info("fuse_abort_unmount_refused", mount_point=mp, error=str(exc))
         self.log.warning("fuse_connection_aborted", mount_point=mp)
+
+    async def force_unmount(self) -> None:
+        """The fallback once `umount --flush` failed or stayed busy. Aborting the connection
+        ends the mount process cleanly (it flushes its buffers and closes its session) even
+        while programs still hold the mount point; `juicefs umount --force` would only detach
+        it, and the process would serve the programs inside for as long as they stay."""
+        await self.abort_connection()
+        if self.is_mounted() or self.is_stale():
+            await self.lazy_unmount()
 
     async def unstick(self, child: Child) -> None:
         """Let a mount process that was killed finish dying. kill -9 of both mount processes

@@ -185,7 +185,7 @@ async def _unmount_orphan(config: Config, juicefs: JuiceFSTool, info: dict[str, 
         await juicefs.umount(flush=True, timeout=config.flush_timeout)
     except FsmError as exc:
         log.warning("orphan_unmount_flush_failed", error=str(exc))
-        await juicefs.umount(flush=False, force=True, timeout=30)
+        await juicefs.force_unmount()
     log.info("orphan_mount_unmounted", mount_point=str(config.layout.mount_point),
              pids=[p for p, _ in pids], duration_ms=round((time.monotonic() - started) * 1000, 1))
     deadline = time.monotonic() + _MOUNT_EXIT_WAIT

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .config import install_hint
@@ -125,13 +126,22 @@ class Child:
             except asyncio.TimeoutError:
                 self._log.warning("child_kill", tool=self.tool, pid=self.pid,
                                   reason=f"no exit {timeout:.0f}s after SIGTERM")
-                self.signal(signal.SIGKILL)
+                self._kill_group()
         return await self.wait()
 
     async def kill(self) -> None:
-        self.signal(signal.SIGKILL)
+        self._kill_group()
         if self._proc is not None:
             await self.wait()
+
+    def _kill_group(self) -> None:
+        """SIGKILL the child and what it forked (the child leads its own process group): the
+        FUSE server of `juicefs mount` is the supervisor's child, and would otherwise outlive
+        it, holding the output pipes that wait() drains."""
+        if self.running:
+            assert self._proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -242,3 +252,29 @@ async def end_process(pid: int, ticks: int, timeout: float, log: Any, tool: str)
         while alive(pid, ticks) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)  # not our child: /proc is all there is to watch
     return not alive(pid, ticks)
+
+
+def holders(path: Path, limit: int = 10) -> list[dict[str, Any]]:
+    """Processes keeping `path` busy: a working directory, root or open file below it (what
+    `fuser -m` would name). Read from /proc links only, which never ask the filesystem (a
+    stat there could hang on a dying FUSE mount)."""
+    below = str(path).rstrip("/") + "/"
+    found: list[dict[str, Any]] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        if any(t == str(path) or t.startswith(below) for t in _targets(entry.path)):
+            found.append({"pid": int(entry.name), "cmd": " ".join(cmdline(int(entry.name)))[:80]})
+            if len(found) >= limit:
+                break
+    return found
+
+
+def _targets(proc_dir: str) -> Iterable[str]:
+    for link in ("cwd", "root"):
+        with contextlib.suppress(OSError):
+            yield os.readlink(f"{proc_dir}/{link}")
+    with contextlib.suppress(OSError):
+        for fd in os.scandir(f"{proc_dir}/fd"):
+            with contextlib.suppress(OSError):
+                yield os.readlink(fd.path)

@@ -68,6 +68,7 @@ OWNERS: dict[str, frozenset[str]] = {
     "litestream.sync": frozenset({"checkpointing", "restoring_checkpoint", "ready"}) | TEARDOWN,
     "juicefs.is_mounted": TEARDOWN,
     "juicefs.umount": TEARDOWN,
+    "juicefs.force_unmount": TEARDOWN,
     "juicefs.terminate": TEARDOWN,
     "juicefs.kill": TEARDOWN,
     "litestream.terminate": TEARDOWN,
@@ -285,7 +286,15 @@ class FakeJuiceFS:
     async def unstick(self, child: Any) -> None:
         """A fake process never gets stuck while dying (the real case: docs/faults.md)."""
 
-    async def umount(self, *, flush: bool, force: bool = False, timeout: float) -> None:
+    async def force_unmount(self) -> None:
+        """Aborting the FUSE connection ends the server, busy or not; then it is detached."""
+        self.world.record("juicefs.force_unmount")
+        self.world.attached = False
+        server, self.world.server = self.world.server, None
+        if server is not None:
+            server.exit(0)
+
+    async def umount(self, *, flush: bool, timeout: float) -> None:
         if message := await self.world.step("juicefs.umount"):
             raise _fail("juicefs", "umount", message)
         if not self.world.mounted:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -31,20 +32,21 @@ START_TIMEOUT = 30.0
 class RunningDaemon:
     """A `python -m fsm run --local` child plus the notify socket it reports to."""
 
-    def __init__(self, base_dir: Path, notify_address: str, *args: str) -> None:
+    def __init__(self, base_dir: Path, notify_address: str, *args: str,
+                 env: dict[str, str] | None = None) -> None:
         self.base_dir = base_dir
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         bind_to = "\0" + notify_address[1:] if notify_address.startswith("@") else notify_address
         self.notify.bind(bind_to)
         self.messages: list[dict[str, str]] = []
         self.stderr_path = base_dir.parent / f"{base_dir.name}.stderr"
-        env = {**os.environ, "NOTIFY_SOCKET": notify_address}
-        env.pop("FSM_LOG_FORMAT", None)
+        environ = {**os.environ, "NOTIFY_SOCKET": notify_address, **(env or {})}
+        environ.pop("FSM_LOG_FORMAT", None)
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fsm", "run", "--local", "--base-dir", str(base_dir),
                  "--volume-name", "test-volume", *args],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+                env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
         self.pids: list[int] = []
 
     def wait_notified(self, key: str, value: str | None = None,
@@ -147,8 +149,10 @@ class RunningDaemon:
 def start_daemon(tmp_path: Path) -> Iterator[Any]:
     started: list[RunningDaemon] = []
 
-    def start(*args: str, notify: str | None = None, name: str = "vol") -> RunningDaemon:
-        daemon = RunningDaemon(tmp_path / name, notify or str(tmp_path / f"{name}.notify"), *args)
+    def start(*args: str, notify: str | None = None, name: str = "vol",
+              env: dict[str, str] | None = None) -> RunningDaemon:
+        daemon = RunningDaemon(tmp_path / name, notify or str(tmp_path / f"{name}.notify"), *args,
+                               env=env)
         started.append(daemon)
         return daemon
 
@@ -316,13 +320,20 @@ def test_sigint_during_start_stops_with_exit_0_and_leaves_nothing(start_daemon: 
 
 def test_a_third_signal_abandons_a_stuck_stop_and_still_leaves_nothing(
         start_daemon: Any, tmp_path: Path) -> None:
-    # Fault injection: a juicefs whose `umount` hangs (flush and force alike). A real juicefs
-    # cannot be made to hang on demand; every other subcommand runs the real binary.
+    # Fault injection: a juicefs whose `umount --flush` hangs, and (first on the daemon's PATH)
+    # an `umount` whose `-f` hangs: the hurried stop's abort of the FUSE connection. Neither
+    # can be made to hang on demand; everything else runs the real binaries.
     real = Path(sys.executable).parent / "juicefs"
     hanging = tmp_path / "juicefs-hanging-umount"
     hanging.write_text(f'#!/bin/sh\n[ "$1" = umount ] && exec sleep 300\nexec "{real}" "$@"\n')
     hanging.chmod(0o755)
-    daemon = start_daemon("--juicefs-bin", str(hanging), "--flush-timeout", "120")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "umount").write_text(
+        f'#!/bin/sh\n[ "$1" = -f ] && exec sleep 300\nexec {shutil.which("umount")} "$@"\n')
+    (bin_dir / "umount").chmod(0o755)
+    daemon = start_daemon("--juicefs-bin", str(hanging), "--flush-timeout", "120",
+                          env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     daemon.wait_notified("READY", "1")
     daemon.remember_children()
 
