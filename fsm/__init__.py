@@ -19,6 +19,7 @@ from .errors import (
     MountLost,
     NoSpace,
     NotReadyError,
+    NotReplicated,
     OutsideWindow,
     ReplicationLost,
     RollbackFailed,
@@ -35,8 +36,9 @@ __all__ = [
     "BaseDirInUse", "BrokenRestorePoint", "Browse", "BrowseNotFound", "Checkpoint",
     "CheckpointError", "CheckpointExists", "CheckpointNotFound", "Config", "ConfigError",
     "ControlError", "FsmError", "HistoryOff", "InvalidCheckpointId", "JuiceFS",
-    "MissingPrerequisite", "MountLost", "NoSpace", "NotReadyError", "OutsideWindow",
-    "ReplicationLost", "RestoreWindow", "RollbackFailed", "RollbackResult", "StartError",
-    "StopError", "TimeTravelError", "ToolError", "Transition", "UnsafeMetadataCopy",
+    "MissingPrerequisite", "MountLost", "NoSpace", "NotReadyError", "NotReplicated",
+    "OutsideWindow", "ReplicationLost", "RestoreWindow", "RollbackFailed", "RollbackResult",
+    "StartError", "StopError", "TimeTravelError", "ToolError", "Transition",
+    "UnsafeMetadataCopy",
 ]
 __version__ = "0.1.0"

@@ -34,6 +34,7 @@ from .errors import (
     MountLost,
     NoSpace,
     NotReadyError,
+    NotReplicated,
     ReplicationLost,
     StartError,
     StopError,
@@ -576,6 +577,18 @@ class JuiceFS:
                                    self.config.litestream_stop_timeout)
         await self.litestream.sync()
 
+    async def _sync_made(self, done: str, result: Checkpoint) -> None:
+        """The barrier after a change that is already made: its failure must say so, or the
+        caller would repeat an operation that succeeded."""
+        try:
+            await self._sync()
+        except FsmError as exc:
+            self.log.error("not_replicated", what=done, error=str(exc))
+            raise NotReplicated(
+                f"{done}, but its replication could not be confirmed: {exc}. It is in the "
+                f"local metadata.db and is replicated once litestream answers again (see "
+                f"status()); do not repeat it", result) from exc
+
     # ---- chart actions: operations ----------------------------------------------------------
 
     @_unwound_before_teardown
@@ -587,9 +600,9 @@ class JuiceFS:
                                        f"delete it first or choose another id")
             await self.juicefs.clone(self.layout.active_root, dst)
             os.utime(dst)  # created_at: the clone copies the active tree's times
-            await self._sync()
             op.result = Checkpoint.at(dst)
             self.log.info("checkpoint_created", id=op.cp_id)
+            await self._sync_made(f"checkpoint {op.cp_id!r} was made", op.result)
         return op
 
     @_unwound_before_teardown
@@ -610,9 +623,10 @@ class JuiceFS:
                 await self._roll_back_restore(aside)
                 raise
             os.utime(aside)
-            await self._sync()
             op.result = Checkpoint.at(aside)
             self.log.info("checkpoint_restored", id=op.cp_id, kept_as=aside.name)
+            await self._sync_made(f"checkpoint {op.cp_id!r} was restored (the previous tree "
+                                  f"is kept as {aside.name!r})", op.result)
         return op
 
     async def _roll_back_restore(self, aside: Path) -> None:

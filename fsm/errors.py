@@ -87,6 +87,16 @@ class CheckpointNotFound(CheckpointError):
     """No checkpoint with this id exists."""
 
 
+class NotReplicated(CheckpointError):
+    """A checkpoint or restore is done on the volume, but `litestream sync` could not confirm
+    that the replica has it. It is in the local metadata.db and is replicated once Litestream
+    answers again; `.checkpoint` is the operation's result (do not repeat the operation)."""
+
+    def __init__(self, message: str, checkpoint: object = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
 class ControlError(FsmError):
     """The control socket could not be reached or answered with an error."""
 

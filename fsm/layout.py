@@ -15,11 +15,6 @@ class Layout:
         return self.base_dir / "cache"
 
     @property
-    def rawstaging_dir(self) -> Path:
-        # Writeback blocks not yet uploaded: may hold the only copy of recent writes.
-        return self.cache_dir / "rawstaging"
-
-    @property
     def local_storage_dir(self) -> Path:
         return self.base_dir / "local"
 

@@ -25,12 +25,14 @@ import pytest
 import structlog
 
 from fsm import (
+    Checkpoint,
     CheckpointExists,
     Config,
     JuiceFS,
     MissingPrerequisite,
     MountLost,
     NotReadyError,
+    NotReplicated,
     ReplicationLost,
     StartError,
     Transition,
@@ -623,6 +625,36 @@ def test_sigterm_to_the_daemon_during_a_checkpoint_finishes_it_then_exits_0(
 
 
 # ---- 6. concurrent calls -------------------------------------------------------------------
+
+async def test_a_checkpoint_whose_replication_fails_says_it_was_made_and_replicates_later(
+        local_config: ConfigFactory, tmp_path: Path) -> None:
+    # Fault injection: `litestream sync` fails while a marker exists (the replica unreachable);
+    # replication itself is the real litestream.
+    unreachable = tmp_path / "unreachable"
+    failing = _wrap(tmp_path, "litestream", "sync",
+                    f'[ -e {unreachable} ] && {{ echo "replica unreachable" >&2; exit 1; }}')
+    cfg = local_config(litestream_bin=failing)
+    jfs = JuiceFS(cfg)
+    await jfs.start()
+    (jfs.active_dir / "f.txt").write_text("in the checkpoint\n")
+    unreachable.touch()
+    with pytest.raises(NotReplicated, match="checkpoint 'cp' was made, but its replication") as \
+            failure:
+        await jfs.checkpoint("cp")
+    assert "do not repeat it" in str(failure.value)
+    assert isinstance(failure.value.checkpoint, Checkpoint) and failure.value.checkpoint.id == "cp"
+    assert jfs.state == "ready"
+    assert [c.id for c in await jfs.list_checkpoints()] == ["cp"]
+    with pytest.raises(CheckpointExists):
+        await jfs.checkpoint("cp")  # what a caller that was told "failed" would do next
+
+    unreachable.unlink()  # litestream answers again; stop's final sync succeeds
+    await jfs.stop()
+    cfg.layout.metadata_db.unlink()  # only the replica is left
+    async with JuiceFS(local_config()) as again:
+        assert (again.layout.checkpoints_dir / "cp" / "fs" / "f.txt").read_text() == \
+            "in the checkpoint\n"
+
 
 async def test_a_checkpoint_asked_for_during_a_restore_waits_for_it(
         local_config: ConfigFactory, tmp_path: Path) -> None:
