@@ -19,6 +19,7 @@ import pytest
 import structlog
 
 from fsm import Config, JuiceFS, StartError
+from fsm import controller as controller_module
 from fsm.errors import S3AccessError, S3Unavailable, ToolError
 from fsm.juicefs import read_format
 from fsm.litestream import LitestreamTool
@@ -153,6 +154,35 @@ async def test_machine_loss_round_trip_brings_back_tree_and_checkpoints(
         assert snapshot(jfs.layout.checkpoints_dir / "before-change" / "fs") == at_checkpoint
         await jfs.restore("before-change")
         assert snapshot(jfs.active_dir) == at_checkpoint
+
+
+async def test_a_shell_left_in_the_volume_does_not_keep_stop_from_uploading_everything(
+        fuse: None, s3_config: Callable[..., Config], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(controller_module, "_BUSY_WAIT", 1.0)
+    cfg = s3_config(tmp_path / "machine-a")  # upload delay 60 s: the blocks are only staged
+    with captured_logs() as events:
+        jfs = JuiceFS(cfg)
+        await jfs.start()
+        (jfs.active_dir / "big.bin").write_bytes(os.urandom(5 * MB))
+        at_stop = snapshot(jfs.active_dir)
+        # A shell cd'd into the volume that outlives the stop (not ours to kill).
+        shell = await asyncio.create_subprocess_exec("sleep", "120", cwd=jfs.active_dir)
+        try:
+            await jfs.stop()
+            assert shell.returncode is None
+        finally:
+            shell.kill()
+            await shell.wait()
+    assert jfs.state == "stopped"
+    assert shell.pid in [h["pid"] for h in named(events, "unmount_busy")[0]["holders"]]
+    assert named(events, "flush_progress")[-1]["bytes_left"] == 0
+    assert named(events, "fuse_connection_aborted")
+    assert_nothing_left(cfg.base_dir, [])
+
+    shutil.rmtree(cfg.base_dir)  # the machine is gone; only the bucket is left
+    async with running(s3_config(tmp_path / "machine-b")) as jfs:
+        assert snapshot(jfs.active_dir) == at_stop
 
 
 async def test_checkpoint_returns_only_once_its_metadata_is_in_the_bucket(
