@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from fsm import Config, JuiceFS
 from fsm.juicefs import mount_fstype
+from fsm.timetravel import juicefs_mount_points
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -47,3 +51,25 @@ def assert_nothing_left(base_dir: Path, pids: list[int]) -> None:
     assert mount_fstype(base_dir / "data") is None, f"{base_dir}/data is still mounted"
     alive = [p for p in pids if pid_alive(p)]
     assert not alive, f"processes still alive after stop: {alive}"
+
+
+def mounts_under(base_dir: Path) -> list[Path]:
+    return [mp for mp in juicefs_mount_points() if str(mp).startswith(f"{base_dir}/")]
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Config) -> AsyncIterator[JuiceFS]:
+    """A started volume; stopped even if the test fails, then nothing of it may be left mounted
+    (browse mounts included) or running."""
+    require_fuse()
+    jfs = JuiceFS(cfg)
+    pids: list[int] = []
+    try:
+        await jfs.start()
+        pids = [p for p in jfs.pids.values() if p]
+        yield jfs
+    finally:
+        pids += [b.child.pid for b in jfs.browsing() if b.child.pid]
+        await jfs.stop()
+    assert_nothing_left(Path(cfg.base_dir), pids)
+    assert mounts_under(Path(cfg.base_dir)) == []

@@ -11,7 +11,7 @@ import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from fsm.errors import S3AccessError, S3Unavailable, ToolError
 from fsm.juicefs import read_format
 from fsm.litestream import LitestreamTool
 from fsm.retry import classify_tool_error, with_s3_retries
-from tests.helpers import assert_nothing_left, pid_alive
+from tests.helpers import assert_nothing_left, pid_alive, running
 from tests.s3_server import S3Server, free_port, require_weed
 from tests.tree import make_rich_tree, snapshot
 
@@ -75,20 +75,6 @@ def assert_clean_failure(jfs: JuiceFS) -> None:
     assert jfs.pids == {"juicefs": None, "litestream": None}
     assert_nothing_left(Path(jfs.config.base_dir), [])
     assert processes_mentioning(str(jfs.config.base_dir)) == []
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[JuiceFS]:
-    """A started volume, stopped (and checked to leave nothing behind) even if the test fails."""
-    jfs = JuiceFS(cfg)
-    pids: list[int] = []
-    try:
-        await jfs.start()
-        pids = [p for p in jfs.pids.values() if p]
-        yield jfs
-    finally:
-        await jfs.stop()
-    assert_nothing_left(Path(cfg.base_dir), pids)
 
 
 def edges_in(db: Path) -> set[str]:

@@ -6,7 +6,6 @@ S3 mode. The unit tests at the end (times, the window, the tree diff) need none 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import os
@@ -14,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,8 @@ from fsm.timepoints import (
     stamp,
     trash_days_needed,
 )
-from fsm.timetravel import apply_tree_diff, juicefs_mount_points
-from tests.helpers import assert_nothing_left, mount_pids, require_fuse
+from fsm.timetravel import apply_tree_diff
+from tests.helpers import mount_pids, mounts_under, require_fuse, running
 from tests.tree import make_rich_tree, snapshot
 
 ConfigFactory = Callable[..., Config]
@@ -52,28 +51,6 @@ MB = 1_000_000
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def mounts_under(base_dir: Path) -> list[Path]:
-    return [mp for mp in juicefs_mount_points() if str(mp).startswith(f"{base_dir}/")]
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[JuiceFS]:
-    """A started volume; stopped even if the test fails, then nothing of it may be left mounted
-    (browse mounts included) or running."""
-    require_fuse()
-    jfs = JuiceFS(cfg)
-    pids: list[int] = []
-    try:
-        await jfs.start()
-        pids = [p for p in jfs.pids.values() if p]
-        yield jfs
-    finally:
-        pids += [b.child.pid for b in jfs.browsing() if b.child.pid]
-        await jfs.stop()
-    assert_nothing_left(Path(cfg.base_dir), pids)
-    assert mounts_under(Path(cfg.base_dir)) == []
-
 
 async def juicefs(cfg: Config, *args: str) -> None:
     proc = await asyncio.create_subprocess_exec(
