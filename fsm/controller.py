@@ -763,7 +763,8 @@ class JuiceFS:
             self.log.warning("unmount_flush_skipped", reason="stop hurried")
         except ToolError as exc:
             self.log.warning("unmount_flush_failed", error=str(exc))
-        # Only after the bounded flush: force may drop staged blocks, so it is the fallback.
+        # Only after the bounded flush and busy wait: force ends the mount under programs still
+        # inside, and what they have not flushed is lost; so it is the fallback.
         await _best_effort(self.juicefs.force_unmount(), self.log, "unmount_force")
 
     async def _umount_flush(self) -> None:

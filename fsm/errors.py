@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .checkpoints import Checkpoint
+
 
 class FsmError(Exception):
     """Base class of all juicefs-fsm errors."""
@@ -92,7 +97,7 @@ class NotReplicated(CheckpointError):
     that the replica has it. It is in the local metadata.db and is replicated once Litestream
     answers again; `.checkpoint` is the operation's result (do not repeat the operation)."""
 
-    def __init__(self, message: str, checkpoint: object = None) -> None:
+    def __init__(self, message: str, checkpoint: Checkpoint | None = None) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
 
