@@ -346,3 +346,19 @@ def test_a_third_signal_abandons_a_stuck_stop_and_still_leaves_nothing(
     assert "stop_abandoned" in {e["event"] for e in daemon.log_events()}
     assert_nothing_left(daemon.base_dir, daemon.pids)
     os.stat(daemon.base_dir / "data")
+
+
+def test_the_shipped_systemd_unit_is_one_systemd_accepts_without_warnings(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:  # a check of a shipped file, not of FUSE or S3: no CI failure
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    shipped = Path(__file__).resolve().parent.parent / "contrib" / "juicefs-fsm.service"
+    # The unit's ExecStart points at /opt/juicefs-fsm (docs/systemd.md); verify needs it to exist.
+    unit = tmp_path / "juicefs-fsm.service"
+    unit.write_text(shipped.read_text().replace(
+        "/opt/juicefs-fsm/bin/juicefs-fsm", str(Path(sys.executable).parent / "juicefs-fsm")))
+    done = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    # Unknown keys, bad values and deprecated settings are only warnings: none may be there.
+    assert str(unit) not in done.stderr, done.stderr
