@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     BaseDirInUse,
     BrokenRestorePoint,
+    BrowseBusy,
     BrowseNotFound,
     CheckpointError,
     CheckpointExists,
@@ -46,7 +47,7 @@ _LAZY = {"Checkpoint": "checkpoints", "Config": "config", "JuiceFS": "controller
          "RollbackResult": "timetravel"}
 
 __all__ = [
-    "BaseDirInUse", "BrokenRestorePoint", "Browse", "BrowseNotFound", "Checkpoint",
+    "BaseDirInUse", "BrokenRestorePoint", "Browse", "BrowseBusy", "BrowseNotFound", "Checkpoint",
     "CheckpointError", "CheckpointExists", "CheckpointNotFound", "Config", "ConfigError",
     "ControlError", "FsmError", "HistoryOff", "InvalidCheckpointId", "JuiceFS",
     "MissingPrerequisite", "MountLost", "NoSpace", "NotReadyError", "NotReplicated",

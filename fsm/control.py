@@ -238,9 +238,15 @@ class ControlServer:
 
     async def _unbrowse(self, request: dict[str, Any]) -> Any:
         if request.get("all"):
-            closed = [b.to_json() for b in self.jfs.browsing()]
+            closed: list[dict[str, Any]] = []
+            busy: list[str] = []
             for browse in self.jfs.browsing():
-                await self.jfs.unbrowse(browse)
+                try:
+                    closed.append((await self.jfs.unbrowse(browse)).to_json())
+                except errors.BrowseBusy as exc:  # the others are still closed
+                    busy.append(str(exc))
+            if busy:
+                raise errors.BrowseBusy(f"closed {len(closed)}, not all: " + "; ".join(busy))
             return {"closed": closed}
         return {"closed": [(await self.jfs.unbrowse(_at(request))).to_json()]}
 

@@ -136,6 +136,10 @@ class BrowseNotFound(TimeTravelError):
     """No browse mount is open for that time or path."""
 
 
+class BrowseBusy(TimeTravelError):
+    """unbrowse refused: programs are still inside the browse mount; it stays open."""
+
+
 class UnsafeMetadataCopy(TimeTravelError):
     """Refused: a second read-write mount of a metadata copy, or gc against a copy that is
     not the primary, would corrupt or delete the live volume's data."""

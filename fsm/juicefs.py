@@ -254,11 +254,12 @@ class JuiceFSTool:
                 return "live", info
         return "other", {}
 
-    async def abort_connection(self) -> None:
+    async def abort_connection(self, mount_point: Path | None = None) -> None:
         """Abort the FUSE connection at the mount point (`umount -f`; for FUSE that aborts the
         connection even when the unmount itself is refused as busy): requests waiting for a
-        dead server fail with ENOTCONN, so whatever waits on them can finish."""
-        mp = str(self.layout.mount_point)
+        dead server fail with ENOTCONN, so whatever waits on them can finish, and the mount
+        process exits. Default: the volume's mount point."""
+        mp = str(mount_point or self.layout.mount_point)
         try:
             await run("umount", "abort fuse connection", ["umount", "-f", mp], env=child_env(),
                       log=self.log, timeout=30)

@@ -43,6 +43,7 @@ from . import s3
 from .checkpoints import Checkpoint, Operation
 from .errors import (
     BrokenRestorePoint,
+    BrowseBusy,
     BrowseNotFound,
     FsmError,
     HistoryOff,
@@ -56,7 +57,7 @@ from .errors import (
 from .juicefs import is_juicefs_mount, is_stale_mount, lazy_unmount, mount_fstype, read_format
 from .litestream import REPLICA_PATH, write_private
 from .logs import get_logger
-from .proc import Child, child_env, run
+from .proc import Child, child_env, holders, run
 from .timepoints import (
     SNAPSHOT_LEVEL,
     RestoreWindow,
@@ -382,7 +383,7 @@ class TimeTravel:
         """Chart action (`unbrowse`, from ready)."""
         with op.capture(f"unbrowse {op.target}"):
             browse = self._find(op.target)
-            problems = await self._close(browse)
+            problems = await self._close(browse, force=False)
             if problems:
                 raise TimeTravelError("; ".join(problems))
             op.result = browse
@@ -400,9 +401,9 @@ class TimeTravel:
         open_ = ", ".join(f"{iso(b.at)} ({b.mount_point})" for b in self.browsing()) or "none"
         raise BrowseNotFound(f"no browse mount is open for {target!r}; open ones: {open_}")
 
-    async def _close(self, browse: Browse) -> list[str]:
+    async def _close(self, browse: Browse, *, force: bool) -> list[str]:
+        problems = await self._unmount_copy(browse.child, browse.mount_point, force=force)
         self._browses.pop(browse.key, None)
-        problems = await self._unmount_copy(browse.child, browse.mount_point)
         if not problems:
             await asyncio.to_thread(_remove_tree, browse.workdir, self.log)
             with contextlib.suppress(OSError):
@@ -414,16 +415,26 @@ class TimeTravel:
         """Unmount every browse mount (stop, failure clean-up). Returns what was left behind."""
         problems: list[str] = []
         for browse in list(self._browses.values()):
-            problems += await self._close(browse)
+            problems += await self._close(browse, force=True)
         return problems
 
-    async def _unmount_copy(self, child: Child, mp: Path) -> list[str]:
+    async def _unmount_copy(self, child: Child, mp: Path, *, force: bool = True) -> list[str]:
+        """Unmount a copy's read-only mount and reap its process. A busy mount point (a shell
+        still in it) is refused unless `force` (stop, clean-up): then its FUSE connection is
+        aborted, which ends the process at once; a read-only copy has nothing to flush."""
         mounted = is_juicefs_mount(mp)
         if mounted:
             try:
                 await self.jfs.juicefs.umount_at(mp)
             except ToolError as exc:
+                if "busy" in exc.stderr_tail and not force:
+                    inside = ", ".join(f"pid {h['pid']} ({h['cmd']})" for h in holders(mp))
+                    raise BrowseBusy(
+                        f"{mp} is in use by {inside or 'another process'}; leave it (cd "
+                        f"elsewhere, close its files) and unbrowse again. It stays open; "
+                        f"stopping the volume closes it anyway") from exc
                 self.log.warning("copy_unmount_failed", mount_point=str(mp), error=str(exc))
+                await self.jfs.juicefs.abort_connection(mp)
         if child.pid is not None:
             try:
                 # Unmounted, juicefs exits by itself; one that never mounted is stopped now.

@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
-from fsm import Config, JuiceFS
+from fsm import Config, JuiceFS, control
 from fsm.config import layered
 from fsm.errors import (
     BrokenRestorePoint,
+    BrowseBusy,
     ConfigError,
     HistoryOff,
     OutsideWindow,
@@ -251,6 +252,38 @@ async def test_a_restore_point_whose_data_is_gone_is_refused_before_mounting(
             await jfs.rollback(t1)
         assert jfs.state == "ready"
         assert mounts_under(cfg.layout.base_dir) == [cfg.layout.mount_point]
+
+
+async def test_a_shell_in_a_browse_mount_refuses_unbrowse_but_not_stop(
+        local_config: ConfigFactory) -> None:
+    cfg = local_config(history_hours=1)
+    async with running(cfg) as jfs:
+        (jfs.active_dir / "f.txt").write_text("at t1\n")
+        past = await jfs.browse(await mark(jfs))
+        (jfs.active_dir / "f.txt").write_text("later\n")
+        other = await jfs.browse(await mark(jfs))
+        # An operator's shell cd'd into the past, to copy a file out.
+        shell = await asyncio.create_subprocess_exec("sleep", "120", cwd=past.tree)
+        server = control.ControlServer(jfs)
+        await server.start()
+        try:
+            with pytest.raises(BrowseBusy, match=rf"in use by pid {shell.pid} \(sleep 120\)"):
+                await jfs.unbrowse(past)
+            assert jfs.browsing() == [past, other] and jfs.state == "ready"
+            assert (past.tree / "f.txt").read_text() == "at t1\n", "it stays open and usable"
+            # `juicefs-fsm unbrowse --all` closes what it can and says what it could not.
+            with pytest.raises(BrowseBusy, match=r"closed 1, not all: .*in use by pid"):
+                await asyncio.to_thread(control.call, jfs.layout.base_dir, "unbrowse", all=True)
+            assert jfs.browsing() == [past]
+            started = time.monotonic()
+            await jfs.stop()  # a stop does not wait for the shell: a read-only copy loses nothing
+            assert time.monotonic() - started < 5  # measured 0.12 s; 20 s before the abort
+            assert shell.returncode is None, "the shell is not ours to kill"
+        finally:
+            await server.close()
+            shell.kill()
+            await shell.wait()
+    # running() checked that nothing of the volume, browse mount included, is left.
 
 
 async def test_a_second_writer_and_gc_on_a_copy_are_refused(
