@@ -243,10 +243,10 @@ class ControlServer:
             for browse in self.jfs.browsing():
                 try:
                     closed.append((await self.jfs.unbrowse(browse)).to_json())
-                except errors.BrowseBusy as exc:  # the others are still closed
+                except errors.InUse as exc:  # the others are still closed
                     busy.append(str(exc))
             if busy:
-                raise errors.BrowseBusy(f"closed {len(closed)}, not all: " + "; ".join(busy))
+                raise errors.InUse(f"closed {len(closed)}, not all: " + "; ".join(busy))
             return {"closed": closed}
         return {"closed": [(await self.jfs.unbrowse(_at(request))).to_json()]}
 

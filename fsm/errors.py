@@ -136,8 +136,9 @@ class BrowseNotFound(TimeTravelError):
     """No browse mount is open for that time or path."""
 
 
-class BrowseBusy(TimeTravelError):
-    """unbrowse refused: programs are still inside the browse mount; it stays open."""
+class InUse(TimeTravelError):
+    """unbrowse or rollback refused: programs are still inside the mount it would take away
+    (the message names them); nothing was changed."""
 
 
 class UnsafeMetadataCopy(TimeTravelError):

@@ -43,10 +43,10 @@ from . import s3
 from .checkpoints import Checkpoint, Operation
 from .errors import (
     BrokenRestorePoint,
-    BrowseBusy,
     BrowseNotFound,
     FsmError,
     HistoryOff,
+    InUse,
     OutsideWindow,
     RollbackFailed,
     S3Unavailable,
@@ -429,7 +429,7 @@ class TimeTravel:
             except ToolError as exc:
                 if "busy" in exc.stderr_tail and not force:
                     inside = ", ".join(f"pid {h['pid']} ({h['cmd']})" for h in holders(mp))
-                    raise BrowseBusy(
+                    raise InUse(
                         f"{mp} is in use by {inside or 'another process'}; leave it (cd "
                         f"elsewhere, close its files) and unbrowse again. It stays open; "
                         f"stopping the volume closes it anyway") from exc
@@ -486,6 +486,7 @@ class TimeTravel:
     async def _roll_back(self, at: datetime) -> RollbackResult:
         started = time.monotonic()
         self._refuse_while_browsing("roll back")
+        self._refuse_while_in_use()
         await self._sync()
         (await self._window()).check(at)
         uuid = self._uuid()
@@ -525,6 +526,16 @@ class TimeTravel:
         self.log.info("rollback_done", at=iso(at), checkpoint=plan.checkpoint.id,
                       offline_ms=plan.offline_ms, duration_ms=result.duration_ms, gc_ok=gc["ok"])
         return result
+
+    def _refuse_while_in_use(self) -> None:
+        """A rollback remounts the volume: programs inside would keep handles to the old mount
+        (ENOTCONN from then on) and never see the rolled-back tree."""
+        inside = holders(self.layout.mount_point)
+        if inside:
+            names = ", ".join(f"pid {h['pid']} ({h['cmd']})" for h in inside)
+            raise InUse(f"rollback refused: the volume is in use by {names}; a rollback "
+                        f"remounts it and they would be left on the old mount. Stop them (or "
+                        f"cd elsewhere), then roll back")
 
     async def _switch(self, plan: _Plan, uuid: str) -> None:
         """Stop the live volume, make the restored copy the primary on a new replica path,

@@ -24,9 +24,9 @@ from fsm import Config, JuiceFS, control
 from fsm.config import layered
 from fsm.errors import (
     BrokenRestorePoint,
-    BrowseBusy,
     ConfigError,
     HistoryOff,
+    InUse,
     OutsideWindow,
     RollbackFailed,
     TimeTravelError,
@@ -267,12 +267,12 @@ async def test_a_shell_in_a_browse_mount_refuses_unbrowse_but_not_stop(
         server = control.ControlServer(jfs)
         await server.start()
         try:
-            with pytest.raises(BrowseBusy, match=rf"in use by pid {shell.pid} \(sleep 120\)"):
+            with pytest.raises(InUse, match=rf"in use by pid {shell.pid} \(sleep 120\)"):
                 await jfs.unbrowse(past)
             assert jfs.browsing() == [past, other] and jfs.state == "ready"
             assert (past.tree / "f.txt").read_text() == "at t1\n", "it stays open and usable"
             # `juicefs-fsm unbrowse --all` closes what it can and says what it could not.
-            with pytest.raises(BrowseBusy, match=r"closed 1, not all: .*in use by pid"):
+            with pytest.raises(InUse, match=r"closed 1, not all: .*in use by pid"):
                 await asyncio.to_thread(control.call, jfs.layout.base_dir, "unbrowse", all=True)
             assert jfs.browsing() == [past]
             started = time.monotonic()
@@ -284,6 +284,26 @@ async def test_a_shell_in_a_browse_mount_refuses_unbrowse_but_not_stop(
             shell.kill()
             await shell.wait()
     # running() checked that nothing of the volume, browse mount included, is left.
+
+
+async def test_a_rollback_is_refused_while_a_program_is_inside_the_volume(
+        local_config: ConfigFactory) -> None:
+    cfg = local_config(history_hours=1)
+    async with running(cfg) as jfs:
+        (jfs.active_dir / "f.txt").write_text("at t1\n")
+        t1 = await mark(jfs)
+        (jfs.active_dir / "f.txt").write_text("later\n")
+        shell = await asyncio.create_subprocess_exec("sleep", "120", cwd=jfs.active_dir)
+        try:
+            with pytest.raises(InUse, match=rf"rollback refused: .*pid {shell.pid} \(sleep"):
+                await jfs.rollback(t1)
+        finally:
+            shell.kill()
+            await shell.wait()
+        assert jfs.state == "ready" and (jfs.active_dir / "f.txt").read_text() == "later\n"
+        assert [c.id for c in await jfs.list_checkpoints()] == [], "nothing was started"
+        done = await jfs.rollback(t1)  # once the program is gone
+        assert (jfs.active_dir / "f.txt").read_text() == "at t1\n" and done.gc["ok"]
 
 
 async def test_a_second_writer_and_gc_on_a_copy_are_refused(
