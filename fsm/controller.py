@@ -86,6 +86,8 @@ class Transition:
 
 
 Observer = Callable[[Transition], None]
+# A long step's progress in words ("uploading 12 blocks (48.0 MiB) to the bucket").
+ProgressObserver = Callable[[str], None]
 
 
 _Action = Callable[..., Awaitable[Any]]
@@ -148,6 +150,8 @@ class JuiceFS:
         self._since = datetime.now(timezone.utc)
         self.history: deque[Transition] = deque(maxlen=config.history_size)
         self._observers: list[Observer] = []
+        self._progress_observers: list[ProgressObserver] = []
+        self._progress = ""
         self._time_travel = TimeTravel(self)
         self._chart = Lifecycle(model=self, state_field="_chart_configuration")
 
@@ -180,6 +184,11 @@ class JuiceFS:
     def add_observer(self, observer: Observer) -> None:
         """Call `observer(transition)` after every transition (sd_notify, status, tests)."""
         self._observers.append(observer)
+
+    def add_progress_observer(self, observer: ProgressObserver) -> None:
+        """Call `observer(text)` while a long step makes progress or waits: stop's upload of
+        writeback data, a busy mount point (the daemon shows it as sd_notify STATUS)."""
+        self._progress_observers.append(observer)
 
     async def start(self) -> None:
         """Restore, format if needed, replicate, mount; return once the volume is usable."""
@@ -292,11 +301,17 @@ class JuiceFS:
             "pids": self.pids,
             "restarts": {"litestream": self._restarts},
             "error": str(self._error) if self._error else None,
+            "progress": self._progress or None,
             "time_travel": self._time_travel.status(),
             "transitions": [t.to_json() for t in self.history],
         }
 
     # ---- helpers ----------------------------------------------------------------------------
+
+    def _report(self, progress: str) -> None:
+        self._progress = progress
+        for observer in self._progress_observers:
+            observer(progress)
 
     async def _activate(self) -> None:
         if not self._chart.configuration and not self._chart.is_terminated:
@@ -335,6 +350,7 @@ class JuiceFS:
                             round((now - self._entered_at) * 1000, 1),
                             str(error) if error else None)
         self._leaf, self._entered_at, self._since = state.id, now, record.at
+        self._progress = ""
         self.history.append(record)
         self.log.info("transition", **{"from": record.source, "to": record.target,
                                        "trigger": record.event,
@@ -780,8 +796,11 @@ class JuiceFS:
                 if "busy" not in exc.stderr_tail or time.monotonic() >= deadline:
                     raise
                 if attempt == 0:
-                    self.log.warning("unmount_busy", wait_s=_BUSY_WAIT,
-                                     holders=holders(self.layout.mount_point))
+                    inside = holders(self.layout.mount_point)
+                    self.log.warning("unmount_busy", wait_s=_BUSY_WAIT, holders=inside)
+                    names = ", ".join(f"pid {h['pid']} ({h['cmd']})" for h in inside)
+                    self._report(f"{self.layout.mount_point} is in use by {names or 'a program'}"
+                                 f"; unmounting it anyway in {_BUSY_WAIT:g} s")
             await asyncio.sleep(_BUSY_RETRY)
 
 
@@ -847,6 +866,8 @@ class JuiceFS:
                 self.log.info("flush_progress", blocks_left=left["blocks"],
                               bytes_left=left["bytes"], blocks_writing=left["writing"],
                               elapsed_ms=round((now - started) * 1000, 1))
+                self._report(f"uploading writeback data: {left['blocks']} blocks "
+                             f"({left['bytes'] / 2**20:.1f} MiB) left")
                 last, logged = left, now
             if done:
                 self.log.info("flush_done", duration_ms=round((now - started) * 1000, 1))

@@ -67,6 +67,7 @@ class Daemon:
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.jfs.add_observer(self._on_transition)
+        self.jfs.add_progress_observer(self._on_progress)
         try:
             try:
                 await self.control.start()
@@ -198,6 +199,10 @@ class Daemon:
         self.notifier.status(transition.target)
         if transition.target == "failed":
             self._failed.set()
+
+    def _on_progress(self, progress: str) -> None:
+        # `systemctl status` shows why a stop takes long: the upload, a busy mount point.
+        self.notifier.status(f"{self.jfs.state}: {progress}")
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1

@@ -318,6 +318,28 @@ def test_sigint_during_start_stops_with_exit_0_and_leaves_nothing(start_daemon: 
     assert_nothing_left(daemon.base_dir, daemon.pids)
 
 
+def test_systemd_status_says_what_a_slow_stop_waits_for(start_daemon: Any) -> None:
+    daemon = start_daemon()
+    daemon.wait_notified("READY", "1")
+    daemon.remember_children()
+    # An operator's shell left in the volume.
+    shell = subprocess.Popen(["sleep", "120"], cwd=daemon.base_dir / "data" / "active" / "fs")
+    try:
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+        assert shell.poll() is None, "the shell is not ours to kill"
+    finally:
+        shell.kill()
+        shell.wait()
+    daemon.drain()
+    assert daemon.statuses()[-3:] == [
+        "stopping",
+        f"stopping: {daemon.base_dir}/data is in use by pid {shell.pid} (sleep 120); "
+        "unmounting it anyway in 5 s",
+        "stopped"]
+    assert_nothing_left(daemon.base_dir, daemon.pids)
+
+
 def test_a_third_signal_abandons_a_stuck_stop_and_still_leaves_nothing(
         start_daemon: Any, tmp_path: Path) -> None:
     # Fault injection: a juicefs whose `umount --flush` hangs, and (first on the daemon's PATH)

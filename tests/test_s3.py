@@ -149,6 +149,8 @@ async def test_a_shell_left_in_the_volume_does_not_keep_stop_from_uploading_ever
     cfg = s3_config(tmp_path / "machine-a")  # upload delay 60 s: the blocks are only staged
     with captured_logs() as events:
         jfs = JuiceFS(cfg)
+        progress: list[str] = []
+        jfs.add_progress_observer(progress.append)
         await jfs.start()
         (jfs.active_dir / "big.bin").write_bytes(os.urandom(5 * MB))
         at_stop = snapshot(jfs.active_dir)
@@ -164,6 +166,11 @@ async def test_a_shell_left_in_the_volume_does_not_keep_stop_from_uploading_ever
     assert shell.pid in [h["pid"] for h in named(events, "unmount_busy")[0]["holders"]]
     assert named(events, "flush_progress")[-1]["bytes_left"] == 0
     assert named(events, "fuse_connection_aborted")
+    # What `systemctl status` showed meanwhile (the daemon sends these as STATUS=).
+    uploads = [p for p in progress if p.startswith("uploading writeback data: ")]
+    assert uploads and uploads[-1] == "uploading writeback data: 0 blocks (0.0 MiB) left"
+    assert f"in use by pid {shell.pid} (sleep 120)" in progress[-1]
+    assert jfs.status()["progress"] is None, "cleared by the next transition"
     assert_nothing_left(cfg.base_dir, [])
 
     shutil.rmtree(cfg.base_dir)  # the machine is gone; only the bucket is left
