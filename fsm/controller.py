@@ -40,7 +40,7 @@ from .errors import (
     StopError,
     ToolError,
 )
-from .juicefs import JuiceFSTool
+from .juicefs import JuiceFSTool, remove_handover_files
 from .litestream import LitestreamTool
 from .logs import ensure_configured, get_logger
 from .proc import Child, holders
@@ -762,6 +762,8 @@ class JuiceFS:
                 await self._stop_child(self._mount, _MOUNT_EXIT_GRACE)
         for retired in self._retired_mounts:
             await self._stop_child(retired, _MOUNT_EXIT_GRACE)  # normally exited already
+        for supervisor in [*self._retired_mounts, *([self._mount] if self._mount else [])]:
+            remove_handover_files(supervisor)
         if self.juicefs.is_mounted() or self.juicefs.is_stale():
             await _best_effort(self.juicefs.lazy_unmount(), self.log, "lazy_unmount")
         if self.juicefs.is_mounted() or self.juicefs.is_stale():

@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import Config
 from .errors import ToolError
-from .proc import Child, child_env, run, stuck_exiting
+from .proc import Child, alive, child_env, run, stuck_exiting
 from .timepoints import trash_days_needed
 
 READY_LINE = "is ready at"
@@ -324,6 +324,19 @@ class JuiceFSTool:
 
     async def umount_at(self, mount_point: Path, timeout: float = 30.0) -> None:
         await self._run("umount", "umount", str(mount_point), timeout=timeout)
+
+
+def remove_handover_files(supervisor: Child) -> None:
+    """A `juicefs mount` supervisor keeps `/tmp/fuse_fd_comm.<pid>` and `/tmp/state<pid>.json`
+    (paths fixed in juicefs) for a seamless remount. After a handover (stop's flush remount)
+    or a kill it leaves `state<pid>.json.bak` or the socket behind: one per stop, forever.
+    Removed once that supervisor has exited; a live one is left alone."""
+    pid = supervisor.pid
+    if pid is None or supervisor.running or alive(pid):
+        return
+    for name in (f"fuse_fd_comm.{pid}", f"state{pid}.json", f"state{pid}.json.bak"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/tmp/{name}")
 
 
 async def lazy_unmount(path: Path, log: Any) -> None:

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -86,6 +87,9 @@ class S3Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self._started_once = False
         self.log_path = root / "weed.log"
+        # weed's own logs and local sockets default to /tmp and outlive the server: keep them
+        # in a short-named folder of ours (a socket path must fit in 107 bytes), removed at stop.
+        self._scratch = Path(tempfile.mkdtemp(prefix="weed-"))
 
     @property
     def endpoint(self) -> str:
@@ -115,7 +119,9 @@ class S3Server:
             grpc = http + 10000 if name == "admin" else free_port()
             ports += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
         return [
-            weed, "mini", f"-dir={self.root / 'data'}",
+            weed, f"-logdir={self._scratch}", "mini", f"-dir={self.root / 'data'}",
+            f"-s3.localSocket={self._scratch / 's3.sock'}",
+            f"-filer.localSocket={self._scratch / 'filer.sock'}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0",
@@ -130,6 +136,7 @@ class S3Server:
         for attempt in range(3):
             if attempt and not self._started_once:
                 self.s3_port = free_port()
+            self._scratch.mkdir(exist_ok=True)
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(self._argv(), stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True)
@@ -168,6 +175,7 @@ class S3Server:
         # Anything else left in its group (weed mini runs in one process; be sure).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
     @property
     def running(self) -> bool:

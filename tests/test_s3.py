@@ -57,6 +57,13 @@ def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e for e in events if e.get("event") == name]
 
 
+def handover_files(*pids: int) -> list[Path]:
+    """What juicefs keeps in /tmp for a mount supervisor's seamless remount."""
+    names = [n for pid in pids for n in (f"fuse_fd_comm.{pid}", f"state{pid}.json",
+                                          f"state{pid}.json.bak")]
+    return [Path("/tmp", n) for n in names if Path("/tmp", n).exists()]
+
+
 def processes_mentioning(text: str) -> list[int]:
     found = []
     for entry in os.scandir("/proc"):
@@ -129,6 +136,9 @@ async def test_machine_loss_round_trip_brings_back_tree_and_checkpoints(
     assert stop_s < 20, f"stop took {stop_s:.1f}s"
     progress = named(events, "flush_progress")
     assert progress[0]["bytes_left"] >= 20 * MB and progress[-1]["bytes_left"] == 0
+    # juicefs's handover files (fixed /tmp paths, one set per stop) do not pile up.
+    handover = named(events, "flush_remounted")[0]
+    assert handover_files(handover["old_pid"], handover["pid"]) == []
 
     shutil.rmtree(cfg.base_dir)  # the machine is gone; only the bucket is left
 
