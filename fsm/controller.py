@@ -763,7 +763,7 @@ class JuiceFS:
         for retired in self._retired_mounts:
             await self._stop_child(retired, _MOUNT_EXIT_GRACE)  # normally exited already
         for supervisor in [*self._retired_mounts, *([self._mount] if self._mount else [])]:
-            remove_handover_files(supervisor)
+            remove_handover_files(supervisor.pid)
         if self.juicefs.is_mounted() or self.juicefs.is_stale():
             await _best_effort(self.juicefs.lazy_unmount(), self.log, "lazy_unmount")
         if self.juicefs.is_mounted() or self.juicefs.is_stale():

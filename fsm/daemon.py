@@ -27,7 +27,7 @@ from .config import Config
 from .control import ControlServer
 from .controller import JuiceFS, Transition
 from .errors import ConfigError, ControlError, FsmError, StartError, StopError
-from .juicefs import lazy_unmount, mount_fstype
+from .juicefs import lazy_unmount, mount_fstype, remove_handover_files
 from .sdnotify import Notifier
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -141,8 +141,8 @@ class Daemon:
         """Third signal: the stop itself is stuck. Kill the children's process groups (the
         juicefs supervisor and its FUSE server share one) and detach the mount point."""
         browses = self.jfs.browsing()  # read-only mounts of past times: owned children too
-        pids = [pid for pid in self.jfs.pids.values() if pid]
-        pids += [b.child.pid for b in browses if b.child.pid]
+        mounts = [self.jfs.pids["juicefs"], *(b.child.pid for b in browses)]
+        pids = [pid for pid in [self.jfs.pids["litestream"], *mounts] if pid]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
@@ -160,6 +160,8 @@ class Daemon:
             task.cancel()
         if stuck:
             await asyncio.wait(stuck, timeout=5)
+        for mount in mounts:
+            remove_handover_files(mount)  # only once that process is gone
 
     async def _emergency_stop(self) -> None:
         try:

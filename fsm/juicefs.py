@@ -326,13 +326,13 @@ class JuiceFSTool:
         await self._run("umount", "umount", str(mount_point), timeout=timeout)
 
 
-def remove_handover_files(supervisor: Child) -> None:
+def remove_handover_files(pid: int | None) -> None:
     """A `juicefs mount` supervisor keeps `/tmp/fuse_fd_comm.<pid>` and `/tmp/state<pid>.json`
     (paths fixed in juicefs) for a seamless remount. After a handover (stop's flush remount)
     or a kill it leaves `state<pid>.json.bak` or the socket behind: one per stop, forever.
-    Removed once that supervisor has exited; a live one is left alone."""
-    pid = supervisor.pid
-    if pid is None or supervisor.running or alive(pid):
+    Removed once that supervisor (ours: `pid` is our child's) has exited; never while a
+    process has that pid."""
+    if pid is None or alive(pid):
         return
     for name in (f"fuse_fd_comm.{pid}", f"state{pid}.json", f"state{pid}.json.bak"):
         with contextlib.suppress(FileNotFoundError):

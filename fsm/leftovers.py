@@ -32,7 +32,7 @@ from typing import IO, Any
 from . import proc
 from .config import Config
 from .errors import BaseDirInUse, FsmError
-from .juicefs import JuiceFSTool
+from .juicefs import JuiceFSTool, remove_handover_files
 from .litestream import write_private
 from .proc import Child
 
@@ -146,6 +146,9 @@ async def clear(config: Config, log: Any) -> None:
                     raise FsmError(f"orphaned {rec.tool} (pid {rec.pid}) from a previous run "
                                    f"survived SIGKILL; end it (kill -9 {rec.pid}) and start "
                                    f"again")
+    for rec in records:
+        if rec.tool == "juicefs":
+            remove_handover_files(rec.pid)
     forget(config)
 
 

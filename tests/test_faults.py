@@ -39,7 +39,7 @@ from fsm import (
 )
 from fsm import controller as controller_module
 from fsm.errors import BaseDirInUse, NoSpace
-from fsm.juicefs import JuiceFSTool, mount_fstype
+from fsm.juicefs import JuiceFSTool, mount_fstype, remove_handover_files
 from fsm.logs import get_logger
 from fsm.proc import Child
 from tests.helpers import assert_nothing_left, mount_pids, pid_alive
@@ -148,6 +148,7 @@ def _stale_mount(cfg: Config) -> None:
     os.kill(server, signal.SIGKILL)
     while pid_alive(server):
         time.sleep(0.01)
+    remove_handover_files(mount.pid)  # the killed supervisor's; juicefs leaves it in /tmp
 
 
 def _replica_names(cfg: Config, tmp_path: Path) -> set[bytes]:
