@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import CheckpointError, FsmError, InvalidCheckpointId
 
@@ -72,6 +72,9 @@ class Operation:
     is woken only after the chart is back in `ready` (settle), so a follow-up call never meets a
     transient state."""
 
+    # The error class of an interruption or an OSError (TravelOp: TimeTravelError).
+    failure: ClassVar[type[FsmError]] = CheckpointError
+
     kind: str
     cp_id: str
     result: Any = None
@@ -89,13 +92,13 @@ class Operation:
         try:
             yield
         except asyncio.CancelledError:
-            self.error = CheckpointError(f"{what} was interrupted: the volume left ready")
+            self.error = self.failure(f"{what} was interrupted: the volume left ready")
             self.settle()
             raise
         except FsmError as exc:
             self.error = exc
         except OSError as exc:
-            self.error = CheckpointError(f"{what} failed: {exc}")
+            self.error = self.failure(f"{what} failed: {exc}")
 
     async def outcome(self) -> Any:
         await self.done.wait()

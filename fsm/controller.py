@@ -43,7 +43,7 @@ from .errors import (
 from .juicefs import JuiceFSTool, remove_handover_files
 from .litestream import LitestreamTool
 from .logs import ensure_configured, get_logger
-from .proc import Child, holders
+from .proc import Child, holders, named
 from .retry import classify_tool_error, with_s3_retries
 from .timepoints import RestoreWindow, parse_time
 from .timetravel import Browse, RollbackResult, TimeTravel, TravelOp
@@ -180,6 +180,13 @@ class JuiceFS:
         return {"juicefs": self._mount.pid if self._mount and self._mount.running else None,
                 "litestream": (self._replicator.pid
                                if self._replicator and self._replicator.running else None)}
+
+    def own_process_groups(self) -> list[int]:
+        """The children's process groups (each leads its own): juicefs mounts, browse mounts
+        and litestream, with whatever they forked."""
+        children = [self._mount, self._replicator, *self._retired_mounts,
+                    *(b.child for b in self.browsing())]
+        return [c.pid for c in children if c is not None and c.pid is not None]
 
     def add_observer(self, observer: Observer) -> None:
         """Call `observer(transition)` after every transition (sd_notify, status, tests)."""
@@ -539,16 +546,18 @@ class JuiceFS:
 
     def replication_restartable(self) -> bool:
         """Within the budget: fewer than replication_restarts restarts in the window."""
+        return self._recent_restarts() < self.config.replication_restarts
+
+    def _recent_restarts(self) -> int:
+        """Restarts within the last replication_restart_window seconds (older ones dropped)."""
         now = time.monotonic()
         while self._restart_times and \
                 now - self._restart_times[0] > self.config.replication_restart_window:
             self._restart_times.popleft()
-        return len(self._restart_times) < self.config.replication_restarts
+        return len(self._restart_times)
 
     def _restart_note(self) -> str:
-        recent = [t for t in self._restart_times
-                  if time.monotonic() - t <= self.config.replication_restart_window]
-        return (f" ({len(recent)} restart(s) in the last "
+        return (f" ({self._recent_restarts()} restart(s) in the last "
                 f"{self.config.replication_restart_window:g} s; replication_restarts="
                 f"{self.config.replication_restarts} allowed)")
 
@@ -753,12 +762,8 @@ class JuiceFS:
             # A mount still coming up (stop during `mounting`) was not unmounted, so it will
             # not exit by itself: SIGTERM it at once instead of waiting out the grace.
             grace = _MOUNT_EXIT_GRACE if unmounted else 0.0
-            try:
-                exited = await self._unless_hurried(
-                    asyncio.wait_for(asyncio.shield(self._mount.wait()), grace))
-            except asyncio.TimeoutError:
-                exited = False
-            if not exited:
+            await self._unless_hurried(self._mount.exits_within(grace))
+            if self._mount.running:
                 await self._stop_child(self._mount, _MOUNT_EXIT_GRACE)
         for retired in self._retired_mounts:
             await self._stop_child(retired, _MOUNT_EXIT_GRACE)  # normally exited already
@@ -798,11 +803,11 @@ class JuiceFS:
                 if "busy" not in exc.stderr_tail or time.monotonic() >= deadline:
                     raise
                 if attempt == 0:
-                    inside = holders(self.layout.mount_point)
+                    inside = holders(self.layout.mount_point, self.own_process_groups())
                     self.log.warning("unmount_busy", wait_s=_BUSY_WAIT, holders=inside)
-                    names = ", ".join(f"pid {h['pid']} ({h['cmd']})" for h in inside)
-                    self._report(f"{self.layout.mount_point} is in use by {names or 'a program'}"
-                                 f"; unmounting it anyway in {_BUSY_WAIT:g} s")
+                    self._report(f"{self.layout.mount_point} is in use by "
+                                 f"{named(inside, 'a program')}; unmounting it anyway in "
+                                 f"{_BUSY_WAIT:g} s")
             await asyncio.sleep(_BUSY_RETRY)
 
 

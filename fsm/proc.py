@@ -115,15 +115,21 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.send_signal(sig)
 
+    async def exits_within(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the child to exit (reaped if it did); it is not signalled."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.wait()), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     async def terminate(self, timeout: float) -> int | None:
         """SIGTERM, wait up to `timeout`, then SIGKILL. Always reaps."""
         if self._proc is None:
             return None
         if self.running:
             self.signal(signal.SIGTERM)
-            try:
-                return await asyncio.wait_for(asyncio.shield(self.wait()), timeout)
-            except asyncio.TimeoutError:
+            if not await self.exits_within(timeout):
                 self._log.warning("child_kill", tool=self.tool, pid=self.pid,
                                   reason=f"no exit {timeout:.0f}s after SIGTERM")
                 self._kill_group()
@@ -254,20 +260,35 @@ async def end_process(pid: int, ticks: int, timeout: float, log: Any, tool: str)
     return not alive(pid, ticks)
 
 
-def holders(path: Path, limit: int = 10) -> list[dict[str, Any]]:
+def holders(path: Path, ours: Iterable[int] = (), limit: int = 10) -> list[dict[str, Any]]:
     """Processes keeping `path` busy: a working directory, root or open file below it (what
     `fuser -m` would name). Read from /proc links only, which never ask the filesystem (a
-    stat there could hang on a dying FUSE mount)."""
+    stat there could hang on a dying FUSE mount). Processes in the groups `ours` (our
+    children lead their own: the juicefs mount serving `path` briefly opens files in it) are
+    not holders."""
     below = str(path).rstrip("/") + "/"
+    skip = set(ours)
     found: list[dict[str, Any]] = []
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or _group(int(entry.name)) in skip:
             continue
         if any(t == str(path) or t.startswith(below) for t in _targets(entry.path)):
             found.append({"pid": int(entry.name), "cmd": " ".join(cmdline(int(entry.name)))[:80]})
             if len(found) >= limit:
                 break
     return found
+
+
+def named(found: list[dict[str, Any]], none: str = "another process") -> str:
+    """holders() in a message: "pid 4242 (-bash), pid 4250 (cp -a ...)"."""
+    return ", ".join(f"pid {h['pid']} ({h['cmd']})" for h in found) or none
+
+
+def _group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _targets(proc_dir: str) -> Iterable[str]:

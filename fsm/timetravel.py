@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import s3
 from .checkpoints import Checkpoint, Operation
@@ -57,7 +57,7 @@ from .errors import (
 from .juicefs import is_juicefs_mount, is_stale_mount, lazy_unmount, mount_fstype, read_format
 from .litestream import REPLICA_PATH, write_private
 from .logs import get_logger
-from .proc import Child, child_env, holders, run
+from .proc import Child, child_env, holders, named, run
 from .timepoints import (
     SNAPSHOT_LEVEL,
     RestoreWindow,
@@ -93,24 +93,19 @@ class TravelOp(Operation):
     at: datetime | None = None
     target: str = ""
 
+    failure: ClassVar[type[FsmError]] = TimeTravelError
+
     @contextlib.contextmanager
     def capture(self, what: str) -> Iterator[None]:
+        """Operation.capture, and: a rollback that could not bring the volume back is a chart
+        error (failed); the caller learns why, and the next start undoes it from its journal."""
         try:
-            yield
-        except asyncio.CancelledError:
-            self.error = TimeTravelError(f"{what} was interrupted: the volume left ready")
-            self.settle()
-            raise
+            with super().capture(what):
+                yield
         except _Unrecoverable as exc:
-            # The volume could not be brought back: the caller learns why, and the chart
-            # goes to failed (the next start undoes the rollback from its journal).
             self.error = exc.error
             self.settle()
             raise exc.error from exc
-        except FsmError as exc:
-            self.error = exc
-        except OSError as exc:
-            self.error = TimeTravelError(f"{what} failed: {exc}")
 
 
 class _Unrecoverable(Exception):
@@ -428,20 +423,17 @@ class TimeTravel:
                 await self.jfs.juicefs.umount_at(mp)
             except ToolError as exc:
                 if "busy" in exc.stderr_tail and not force:
-                    inside = ", ".join(f"pid {h['pid']} ({h['cmd']})" for h in holders(mp))
+                    inside = holders(mp, self.jfs.own_process_groups())
                     raise InUse(
-                        f"{mp} is in use by {inside or 'another process'}; leave it (cd "
-                        f"elsewhere, close its files) and unbrowse again. It stays open; "
-                        f"stopping the volume closes it anyway") from exc
+                        f"{mp} is in use by {named(inside)}; leave it (cd elsewhere, close its "
+                        f"files) and unbrowse again. It stays open; stopping the volume closes "
+                        f"it anyway") from exc
                 self.log.warning("copy_unmount_failed", mount_point=str(mp), error=str(exc))
                 await self.jfs.juicefs.abort_connection(mp)
-        if child.pid is not None:
-            try:
-                # Unmounted, juicefs exits by itself; one that never mounted is stopped now.
-                await asyncio.wait_for(asyncio.shield(child.wait()),
-                                       _UNMOUNT_GRACE if mounted else 0)
-            except asyncio.TimeoutError:
-                await child.terminate(_UNMOUNT_GRACE)
+        # Unmounted, juicefs exits by itself; one that never mounted is stopped now.
+        if child.pid is not None and not await child.exits_within(
+                _UNMOUNT_GRACE if mounted else 0):
+            await child.terminate(_UNMOUNT_GRACE)
         if is_juicefs_mount(mp) or is_stale_mount(mp):
             try:
                 await lazy_unmount(mp, self.log)
@@ -530,10 +522,9 @@ class TimeTravel:
     def _refuse_while_in_use(self) -> None:
         """A rollback remounts the volume: programs inside would keep handles to the old mount
         (ENOTCONN from then on) and never see the rolled-back tree."""
-        inside = holders(self.layout.mount_point)
+        inside = holders(self.layout.mount_point, self.jfs.own_process_groups())
         if inside:
-            names = ", ".join(f"pid {h['pid']} ({h['cmd']})" for h in inside)
-            raise InUse(f"rollback refused: the volume is in use by {names}; a rollback "
+            raise InUse(f"rollback refused: the volume is in use by {named(inside)}; a rollback "
                         f"remounts it and they would be left on the old mount. Stop them (or "
                         f"cd elsewhere), then roll back")
 

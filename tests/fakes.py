@@ -15,6 +15,7 @@ Nothing sleeps: a held step waits on an asyncio.Event the test releases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import shutil
 from collections.abc import Callable
@@ -188,6 +189,11 @@ class FakeChild:
         await self._exited.wait()
         assert self.returncode is not None
         return self.returncode
+
+    async def exits_within(self, timeout: float) -> bool:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        return self._exited.is_set()
 
     async def terminate(self, timeout: float) -> int | None:
         self.world.record(f"{self.tool}.terminate")

@@ -41,7 +41,7 @@ from fsm import controller as controller_module
 from fsm.errors import BaseDirInUse, NoSpace
 from fsm.juicefs import JuiceFSTool, mount_fstype, remove_handover_files
 from fsm.logs import get_logger
-from fsm.proc import Child
+from fsm.proc import Child, holders
 from tests.helpers import assert_nothing_left, mount_pids, pid_alive
 from tests.tree import snapshot
 
@@ -522,6 +522,21 @@ async def test_a_child_that_ignores_sigterm_is_killed_with_what_it_forked(tmp_pa
     rc = await asyncio.wait_for(child.terminate(0.5), 10)
     assert rc == -signal.SIGKILL
     assert not pid_alive(grandchild), "the forked process outlived the stop"
+
+
+def test_holders_are_named_but_our_own_children_are_not_holders(tmp_path: Path) -> None:
+    # The juicefs mount serving a mount point briefly opens files in it: a rollback once
+    # refused itself, naming its own mount process. Our children lead their own groups.
+    (tmp_path / "inside").mkdir()
+    program = _spawn(["sleep", "60"], cwd=tmp_path / "inside")  # leads its own group
+    try:
+        assert [h["pid"] for h in holders(tmp_path)] == [program.pid]
+        assert holders(tmp_path)[0]["cmd"] == "sleep 60"
+        assert holders(tmp_path, ours=[program.pid]) == []
+        assert holders(tmp_path / "insid") == []  # ".../inside" is not below ".../insid"
+    finally:
+        program.kill()
+        program.wait()
 
 
 async def test_stop_while_the_real_mount_comes_up_leaves_nothing(
