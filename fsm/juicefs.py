@@ -10,12 +10,13 @@ import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .errors import ToolError
-from .proc import Child, alive, child_env, run, stuck_exiting
+from .proc import Child, Completed, alive, child_env, run, stuck_exiting
 from .timepoints import trash_days_needed
 
 READY_LINE = "is ready at"
@@ -30,17 +31,38 @@ def _unescape_mountinfo(field: str) -> str:
     return field.encode().decode("unicode_escape")
 
 
-def mount_fstype(path: Path) -> str | None:
-    """The filesystem type mounted exactly at `path`, from /proc/self/mountinfo."""
-    target = os.path.realpath(path)
-    fstype = None
+def _mounts() -> Iterator[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount in this namespace, oldest first, from
+    /proc/self/mountinfo (it never asks a filesystem, so a hung FUSE mount cannot block it)."""
     with open("/proc/self/mountinfo", encoding="utf-8") as info:
         for line in info:
             left, _, right = line.partition(" - ")
             parts = left.split()
-            if len(parts) > 4 and _unescape_mountinfo(parts[4]) == target:
-                fstype = right.split()[0]  # the last (top-most) mount wins
+            if len(parts) > 4 and right:
+                yield _unescape_mountinfo(parts[4]), right.split()[0]
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at `path`."""
+    target = os.path.realpath(path)
+    fstype = None
+    for mount_point, kind in _mounts():
+        if mount_point == target:
+            fstype = kind  # the last (top-most) mount wins
     return fstype
+
+
+def juicefs_mount_points() -> list[Path]:
+    """Every fuse.juicefs mount on this host (this mount namespace)."""
+    return [Path(mp) for mp, kind in _mounts() if kind == "fuse.juicefs"]
+
+
+async def probe_config(mount_point: Path, log: Any, timeout: float) -> Completed:
+    """`<mp>/.config` read by a child process that can be killed: a read here on a hung FUSE
+    mount would block forever (and a thread pool with it). ToolError when it cannot be read,
+    with returncode None when it did not answer in time."""
+    return await run("cat", "probe mount", ["cat", str(mount_point / ".config")],
+                     env=child_env(), log=log, timeout=timeout)
 
 
 def is_juicefs_mount(path: Path) -> bool:
@@ -108,10 +130,12 @@ class JuiceFSTool:
         self.secrets = cfg.secrets()
         self.ready_line = asyncio.Event()  # set when juicefs prints "is ready at"
 
-    async def _run(self, action: str, *args: str, timeout: float | None = None) -> str:
-        done = await run("juicefs", action, [self.bin, *args], env=self.env, log=self.log,
+    async def _call(self, action: str, *args: str, timeout: float | None = None) -> Completed:
+        return await run("juicefs", action, [self.bin, *args], env=self.env, log=self.log,
                          secrets=self.secrets, timeout=timeout)
-        return done.stdout
+
+    async def _run(self, action: str, *args: str, timeout: float | None = None) -> str:
+        return (await self._call(action, *args, timeout=timeout)).stdout
 
     async def version(self) -> str:
         return (await self._run("version", "--version")).strip()
@@ -240,8 +264,7 @@ class JuiceFSTool:
         if fstype is None or not fstype.startswith("fuse"):
             return "absent", {}
         try:
-            done = await run("cat", "probe mount", ["cat", str(mp / ".config")],
-                             env=child_env(), log=self.log, timeout=_PROBE_TIMEOUT)
+            done = await probe_config(mp, self.log, _PROBE_TIMEOUT)
         except ToolError as exc:
             if exc.returncode is None:
                 return "hung", {}
@@ -302,16 +325,13 @@ class JuiceFSTool:
     async def fsck(self, db: Path) -> str:
         """Check that every object a metadata copy references exists (`juicefs fsck`, read
         only). A ToolError when objects are lost or files broken; returns the report."""
-        done = await run("juicefs", "fsck", [self.bin, "fsck", f"sqlite3://{db}"], env=self.env,
-                         log=self.log, secrets=self.secrets, timeout=3600)
-        return done.stderr
+        return (await self._call("fsck", "fsck", f"sqlite3://{db}", timeout=3600)).stderr
 
     async def gc_primary(self) -> str:
         """`juicefs gc --delete` against the primary metadata only: objects no slice of it
         references are deleted (objects younger than an hour are skipped by juicefs)."""
-        done = await run("juicefs", "gc", [self.bin, "gc", self.layout.meta_url, "--delete"],
-                         env=self.env, log=self.log, secrets=self.secrets, timeout=3600)
-        return done.stderr
+        return (await self._call("gc", "gc", self.layout.meta_url, "--delete",
+                                 timeout=3600)).stderr
 
     def read_only_mount_child(self, db: Path, mount_point: Path, cache_dir: Path) -> Child:
         """A mount of a metadata copy that can change nothing: read-only, no background jobs

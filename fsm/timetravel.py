@@ -54,10 +54,18 @@ from .errors import (
     ToolError,
     UnsafeMetadataCopy,
 )
-from .juicefs import is_juicefs_mount, is_stale_mount, lazy_unmount, mount_fstype, read_format
+from .juicefs import (
+    is_juicefs_mount,
+    is_stale_mount,
+    juicefs_mount_points,
+    lazy_unmount,
+    mount_fstype,
+    probe_config,
+    read_format,
+)
 from .litestream import REPLICA_PATH, write_private
 from .logs import get_logger
-from .proc import Child, child_env, holders, named, run
+from .proc import Child, holders, named
 from .timepoints import (
     SNAPSHOT_LEVEL,
     RestoreWindow,
@@ -705,30 +713,15 @@ class TimeTravel:
 
 # ---- safety checks --------------------------------------------------------------------------
 
-def juicefs_mount_points() -> list[Path]:
-    """Every fuse.juicefs mount on this host (this mount namespace)."""
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as info:
-        for line in info:
-            left, _, right = line.partition(" - ")
-            parts = left.split()
-            if len(parts) > 4 and right.split()[:1] == ["fuse.juicefs"]:
-                found.append(Path(parts[4].encode().decode("unicode_escape")))
-    return found
-
-
 def _real_mount_point(mp: Path) -> str:
     # Resolve the parent only: resolving the mount point itself would ask its FUSE server.
     return os.path.join(os.path.realpath(mp.parent), mp.name)
 
 
 async def _mount_config(mp: Path) -> dict[str, Any] | None:
-    """`<mp>/.config`, read by a child process with a timeout: a hung FUSE mount anywhere on
-    the host would block a read here forever (and the thread pool with it)."""
+    """`<mp>/.config` of any mount on the host (fsm.juicefs.probe_config: never hangs)."""
     try:
-        done = await run("cat", "probe mount", ["cat", str(mp / ".config")], env=child_env(),
-                         log=get_logger(), timeout=5)
-        info = json.loads(done.stdout)
+        info = json.loads((await probe_config(mp, get_logger(), 5)).stdout)
     except (FsmError, ValueError):
         return None  # stale, hung or not juicefs: it serves nothing
     return info if isinstance(info, dict) else None

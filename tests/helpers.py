@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from fsm import Config, JuiceFS
-from fsm.juicefs import mount_fstype
-from fsm.timetravel import juicefs_mount_points
+from fsm.juicefs import juicefs_mount_points, mount_fstype
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
