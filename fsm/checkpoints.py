@@ -33,7 +33,11 @@ def pre_restore_id(cp_id: str, taken: set[str]) -> str:
     """`pre-restore-<id>-<unix>`, shortened to stay a valid id and made unique."""
     stamp = str(int(time.time()))
     room = 200 - len(PRE_RESTORE) - len(stamp) - 4
-    base = f"{PRE_RESTORE}{cp_id[:room]}-{stamp}"
+    return unique(f"{PRE_RESTORE}{cp_id[:room]}-{stamp}", taken)
+
+
+def unique(base: str, taken: set[str]) -> str:
+    """`base`, or `base-2`, `base-3`, ... whichever is not taken yet."""
     candidate, n = base, 1
     while candidate in taken:
         n += 1

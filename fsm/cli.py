@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import ConfigError, FsmError
+from .errors import ConfigError, FsmError, one_line
 
 PROG = "juicefs-fsm"
 EXIT_REFUSED = 1
@@ -391,7 +391,7 @@ def format_status(status: dict[str, Any], transitions: int = 10) -> str:
     versions = status.get("versions") or {}
     lines.append("versions:    " + ", ".join(f"{k} {v or '?'}" for k, v in versions.items()))
     if status.get("error"):
-        lines.append("error:       " + _one_line(str(status["error"])))
+        lines.append("error:       " + one_line(str(status["error"])))
     recent = (status.get("transitions") or [])[-transitions:]
     if recent:
         lines.append("transitions: (oldest first)")
@@ -425,12 +425,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ---- errors ------------------------------------------------------------------------------
 
-def _one_line(text: str) -> str:
-    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def _say_error(exc: BaseException) -> None:
-    print(f"{PROG}: error: {_one_line(str(exc)) or type(exc).__name__}", file=sys.stderr)
+    print(f"{PROG}: error: {one_line(str(exc)) or type(exc).__name__}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

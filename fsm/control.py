@@ -26,7 +26,7 @@ from . import checkpoints as cps
 from . import errors
 from .errors import ControlError, FsmError
 from .layout import Layout
-from .logs import get_logger
+from .logs import get_logger, ms_since
 
 if TYPE_CHECKING:
     from .controller import JuiceFS
@@ -203,7 +203,7 @@ class ControlServer:
             response = _failure(exc)
         level = self.log.debug if op == "status" and response["ok"] else self.log.info
         level("control_request", op=op, ok=response["ok"],
-              duration_ms=round((time.monotonic() - started) * 1000, 1),
+              duration_ms=ms_since(started),
               **({} if response["ok"] else {"error": response["error"]}))
         return response
 

@@ -42,7 +42,7 @@ from .errors import (
 )
 from .juicefs import JuiceFSTool, remove_handover_files
 from .litestream import LitestreamTool
-from .logs import ensure_configured, get_logger
+from .logs import ensure_configured, get_logger, ms_since
 from .proc import Child, holders, named
 from .retry import classify_tool_error, with_s3_retries
 from .timepoints import RestoreWindow, parse_time
@@ -781,7 +781,7 @@ class JuiceFS:
         try:
             if await self._unless_hurried(self._umount_flush()):
                 self.log.info("unmounted", flush=True,
-                              duration_ms=round((time.monotonic() - started) * 1000, 1))
+                              duration_ms=ms_since(started))
                 return
             self.log.warning("unmount_flush_skipped", reason="stop hurried")
         except ToolError as exc:
@@ -827,7 +827,7 @@ class JuiceFS:
         try:
             if await self._unless_hurried(serving_then_sync()):
                 self.log.info("final_sync_done",
-                              duration_ms=round((time.monotonic() - started) * 1000, 1))
+                              duration_ms=ms_since(started))
             else:
                 # litestream's own final sync on SIGTERM still runs.
                 self.log.warning("final_sync_skipped", reason="stop hurried")
@@ -853,7 +853,7 @@ class JuiceFS:
             self._remember_children()
             await self.juicefs.wait_taken_over(new, self.config.ready_timeout)
             self.log.info("flush_remounted", pid=new.pid, old_pid=old.pid,
-                          duration_ms=round((time.monotonic() - started) * 1000, 1))
+                          duration_ms=ms_since(started))
             await self._wait_uploaded(started)
         except (FsmError, OSError) as exc:
             self.log.warning("flush_remount_failed", error=str(exc))

@@ -28,6 +28,7 @@ from .control import ControlServer
 from .controller import JuiceFS, Transition
 from .errors import ConfigError, ControlError, FsmError, StartError, StopError
 from .juicefs import lazy_unmount, mount_fstype, remove_handover_files
+from .logs import ms_since
 from .sdnotify import Notifier
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -195,7 +196,7 @@ class Daemon:
         self.notifier.ready(self.jfs.state)
         self.log.info("daemon_ready", active_dir=str(self.jfs.active_dir),
                       socket=str(self.control.path),
-                      duration_ms=round((time.monotonic() - self._started) * 1000, 1))
+                      duration_ms=ms_since(self._started))
 
     def _on_transition(self, transition: Transition) -> None:
         self.notifier.status(transition.target)

@@ -8,6 +8,11 @@ if TYPE_CHECKING:
     from .checkpoints import Checkpoint
 
 
+def one_line(text: str) -> str:
+    """A multi-line message (a tool's stderr tail) as one line, for a one-line error."""
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 class FsmError(Exception):
     """Base class of all juicefs-fsm errors."""
 

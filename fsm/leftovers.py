@@ -34,6 +34,7 @@ from .config import Config
 from .errors import BaseDirInUse, FsmError
 from .juicefs import JuiceFSTool, remove_handover_files
 from .litestream import write_private
+from .logs import ms_since
 from .proc import Child
 
 # After the orphan mount is unmounted, how long its processes get to exit on their own.
@@ -190,7 +191,7 @@ async def _unmount_orphan(config: Config, juicefs: JuiceFSTool, info: dict[str, 
         log.warning("orphan_unmount_flush_failed", error=str(exc))
         await juicefs.force_unmount()
     log.info("orphan_mount_unmounted", mount_point=str(config.layout.mount_point),
-             pids=[p for p, _ in pids], duration_ms=round((time.monotonic() - started) * 1000, 1))
+             pids=[p for p, _ in pids], duration_ms=ms_since(started))
     deadline = time.monotonic() + _MOUNT_EXIT_WAIT
     while any(proc.alive(p, t) for p, t in pids) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)  # not our children: /proc is all there is to watch

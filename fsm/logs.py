@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, Literal
 
 import structlog
@@ -61,3 +62,8 @@ def ensure_configured() -> None:
 
 def get_logger(**bind: Any) -> Any:
     return structlog.get_logger("fsm").bind(**bind)
+
+
+def ms_since(started: float) -> float:
+    """`duration_ms` of an event: milliseconds since `started` (time.monotonic()), 0.1 ms."""
+    return round((time.monotonic() - started) * 1000, 1)

@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import install_hint
 from .errors import MissingPrerequisite, ToolError
+from .logs import ms_since
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _LEVEL = re.compile(r"<(DEBUG|INFO|WARNING|ERROR|FATAL)>|level=(DEBUG|INFO|WARN|ERROR)")
@@ -172,7 +173,7 @@ async def run(tool: str, action: str, argv: list[str], *, env: Mapping[str, str]
     except asyncio.CancelledError:
         await child.kill()
         raise
-    duration_ms = round((time.monotonic() - started) * 1000, 1)
+    duration_ms = ms_since(started)
     log.debug("command_done", tool=tool, action=action, pid=child.pid, rc=rc,
               duration_ms=duration_ms)
     if rc != 0:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import s3
-from .checkpoints import Checkpoint, Operation
+from .checkpoints import Checkpoint, Operation, unique
 from .errors import (
     BrokenRestorePoint,
     BrowseNotFound,
@@ -53,6 +53,7 @@ from .errors import (
     TimeTravelError,
     ToolError,
     UnsafeMetadataCopy,
+    one_line,
 )
 from .juicefs import (
     is_juicefs_mount,
@@ -64,7 +65,7 @@ from .juicefs import (
     read_format,
 )
 from .litestream import REPLICA_PATH, write_private
-from .logs import get_logger
+from .logs import get_logger, ms_since
 from .proc import Child, holders, named
 from .timepoints import (
     SNAPSHOT_LEVEL,
@@ -325,7 +326,7 @@ class TimeTravel:
                 raise
             raise BrokenRestorePoint(
                 f"the volume as it was at {when} cannot be used: `juicefs fsck` finds data "
-                f"missing ({_one_line(exc.stderr_tail)}). Its objects are gone (deleted longer "
+                f"missing ({one_line(exc.stderr_tail)}). Its objects are gone (deleted longer "
                 f"than trash-days ago, written while history was off, or, less than "
                 f"upload_delay ago, still waiting for upload). Choose another time; "
                 f"`juicefs-fsm history` shows the window") from exc
@@ -367,7 +368,7 @@ class TimeTravel:
         browse = Browse(at, restored.state_at, restored.txid, mp, work, child)
         self._browses[key] = browse
         self.log.info("browse_opened", at=iso(at), mount_point=str(mp), pid=child.pid,
-                      txid=restored.txid, duration_ms=_ms(started))
+                      txid=restored.txid, duration_ms=ms_since(started))
         return browse
 
     async def _mount_read_only(self, db: Path, mp: Path, cache: Path) -> Child:
@@ -495,7 +496,7 @@ class TimeTravel:
             raise UnsafeMetadataCopy(
                 f"rollback refused: this volume is also mounted read-write at "
                 f"{', '.join(map(str, others))}; stop that mount first")
-        name = _unique(f"rollback-{int(time.time())}", set(_names(self.layout.time_travel_dir)))
+        name = unique(f"rollback-{int(time.time())}", set(_names(self.layout.time_travel_dir)))
         work = self.layout.time_travel_dir / name
         await asyncio.to_thread(_fresh_dir, work)
         try:
@@ -514,7 +515,7 @@ class TimeTravel:
         except BaseException as exc:
             await self._undo(plan, exc)
             raise RollbackFailed(
-                f"rollback to {iso(at)} failed ({_one_line(str(exc))}); the volume is back as "
+                f"rollback to {iso(at)} failed ({one_line(str(exc))}); the volume is back as "
                 f"it was before the rollback") from exc
         self._journal_path().unlink(missing_ok=True)  # committed: nothing left to undo
         gc = await self._gc_after_rollback()
@@ -522,7 +523,7 @@ class TimeTravel:
         assert plan.checkpoint is not None
         result = RollbackResult(at, restored.state_at, restored.txid, plan.checkpoint,
                                 self.jfs.litestream.replica_location, plan.offline_ms,
-                                _ms(started), plan.carried, gc)
+                                ms_since(started), plan.carried, gc)
         self.log.info("rollback_done", at=iso(at), checkpoint=plan.checkpoint.id,
                       offline_ms=plan.offline_ms, duration_ms=result.duration_ms, gc_ok=gc["ok"])
         return result
@@ -553,7 +554,7 @@ class TimeTravel:
         litestream.write_config()
         await self.jfs.start_replication()
         await self.jfs.mount_volume()
-        plan.offline_ms = _ms(stopping)
+        plan.offline_ms = ms_since(stopping)
         self.log.info("rollback_mounted", replica=litestream.replica_location,
                       offline_ms=plan.offline_ms)
         plan.checkpoint, plan.carried = await self._carry_over(plan)
@@ -581,7 +582,7 @@ class TimeTravel:
         try:
             checkpoints = self.layout.checkpoints_dir
             checkpoints.mkdir(parents=True, exist_ok=True)
-            cp_id = _unique(f"{PRE_ROLLBACK}{int(time.time())}", set(_names(checkpoints)))
+            cp_id = unique(f"{PRE_ROLLBACK}{int(time.time())}", set(_names(checkpoints)))
             dst = checkpoints / cp_id
             base = self.layout.active_root
             cloning = time.monotonic()
@@ -589,12 +590,12 @@ class TimeTravel:
                 await self.jfs.juicefs.clone(base, dst)
             else:
                 dst.mkdir()
-            timings = {"clone_ms": _ms(cloning)}
+            timings = {"clone_ms": ms_since(cloning)}
             diffing = time.monotonic()
             source = mp / base.name
             counts = (await asyncio.to_thread(apply_tree_diff, source, base, dst)
                       if source.is_dir() else {})
-            timings["diff_ms"] = _ms(diffing)
+            timings["diff_ms"] = ms_since(diffing)
             os.utime(dst)  # created_at
         finally:
             problems = await self._unmount_copy(child, mp)
@@ -602,7 +603,7 @@ class TimeTravel:
                 self.log.warning("carry_over_unmount_incomplete", problems=problems)
         if problems:
             raise RollbackFailed("; ".join(problems))
-        self.log.info("pre_rollback_checkpoint", id=cp_id, duration_ms=_ms(started), **counts,
+        self.log.info("pre_rollback_checkpoint", id=cp_id, duration_ms=ms_since(started), **counts,
                       **timings)
         return Checkpoint.at(dst), counts
 
@@ -633,8 +634,8 @@ class TimeTravel:
             raise
         except BaseException as exc:
             raise _Unrecoverable(RollbackFailed(
-                f"rollback to {iso(plan.at)} failed ({_one_line(str(error))}) and the volume "
-                f"could not be restarted as it was ({_one_line(str(exc))}); the previous "
+                f"rollback to {iso(plan.at)} failed ({one_line(str(error))}) and the volume "
+                f"could not be restarted as it was ({one_line(str(exc))}); the previous "
                 f"metadata is in {plan.previous_dir} and the next start puts it back")) from exc
         self._journal_path().unlink()
         await asyncio.to_thread(_remove_tree, plan.work, self.log)
@@ -648,10 +649,10 @@ class TimeTravel:
             report = await self.collect_garbage(self.layout.metadata_db)
         except FsmError as exc:
             self.log.warning("rollback_gc_failed", error=str(exc))
-            return {"ok": False, "error": str(exc), "duration_ms": _ms(started)}
+            return {"ok": False, "error": str(exc), "duration_ms": ms_since(started)}
         summary = next((line for line in report.splitlines() if "scanned" in line), "")
         return {"ok": True, "summary": summary.split(">:", 1)[-1].strip(),
-                "duration_ms": _ms(started)}
+                "duration_ms": ms_since(started)}
 
     # ---- journal and replica pointer ---------------------------------------------------
 
@@ -910,22 +911,6 @@ def _children(folder: Path) -> list[Path]:
 
 def _names(folder: Path) -> list[str]:
     return [p.name for p in _children(folder)]
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    candidate, n = base, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{base}-{n}"
-    return candidate
-
-
-def _ms(started: float) -> float:
-    return round((time.monotonic() - started) * 1000, 1)
-
-
-def _one_line(text: str) -> str:
-    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _s3_call(cfg: Any, method: str, key: str, body: bytes = b"") -> s3.Response:
