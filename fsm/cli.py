@@ -254,45 +254,40 @@ def _checked_id(cp_id: str) -> str:
     return validate_id(cp_id)  # refused here, before a round trip
 
 
-def _status(args: argparse.Namespace) -> int:
-    status = _call(args, "status")
+def _show(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> int:
+    """The daemon's answer as JSON with --json, else as `human(result)`."""
     if args.json:
-        _print_json(status)
+        _print_json(result)
     else:
-        print(format_status(status))
+        print(human(result))
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    return _show(args, _call(args, "status"), format_status)
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    cp = _call(args, "checkpoint", id=_checked_id(args.id))
-    if args.json:
-        _print_json(cp)
-    else:
-        print(f"checkpoint {cp['id']} created at {cp['created_at']}")
-    return 0
+    return _show(args, _call(args, "checkpoint", id=_checked_id(args.id)),
+                 lambda cp: f"checkpoint {cp['id']} created at {cp['created_at']}")
 
 
 def _restore(args: argparse.Namespace) -> int:
-    kept = _call(args, "restore", id=_checked_id(args.id))
-    if args.json:
-        _print_json(kept)
-    else:
-        print(f"restored {args.id}; the previous tree is kept as checkpoint {kept['id']}")
-    return 0
+    return _show(args, _call(args, "restore", id=_checked_id(args.id)),
+                 lambda kept: f"restored {args.id}; the previous tree is kept as checkpoint "
+                              f"{kept['id']}")
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
-    found = _call(args, "checkpoints")
-    if args.json:
-        _print_json(found)
-    elif not found:
-        print("no checkpoints")
-    else:
-        width = max(len(cp["id"]) for cp in found)
-        print(f"{'ID':<{width}}  CREATED_AT")
-        for cp in found:
-            print(f"{cp['id']:<{width}}  {cp['created_at']}")
-    return 0
+    return _show(args, _call(args, "checkpoints"), _checkpoint_table)
+
+
+def _checkpoint_table(found: list[dict[str, Any]]) -> str:
+    if not found:
+        return "no checkpoints"
+    width = max(len(cp["id"]) for cp in found)
+    return "\n".join([f"{'ID':<{width}}  CREATED_AT",
+                      *(f"{cp['id']:<{width}}  {cp['created_at']}" for cp in found)])
 
 
 def _delete(args: argparse.Namespace) -> int:
@@ -309,38 +304,22 @@ def _checked_at(text: str) -> str:
 
 
 def _history(args: argparse.Namespace) -> int:
-    window = _call(args, "history")
-    if args.json:
-        _print_json(window)
-    else:
-        print(format_history(window))
-    return 0
+    return _show(args, _call(args, "history"), format_history)
 
 
 def _browse(args: argparse.Namespace) -> int:
-    opened = _call(args, "browse", at=_checked_at(args.at))
-    if args.json:
-        _print_json(opened)
-    else:
-        print(f"the volume as of {opened['at']} (replicated state of {opened['state_at']}) is "
-              f"mounted read-only at {opened['path']}\nyour tree: {opened['tree']}\n"
-              f"close it with: {PROG} unbrowse {opened['path']}")
-    return 0
+    return _show(args, _call(args, "browse", at=_checked_at(args.at)), lambda opened: (
+        f"the volume as of {opened['at']} (replicated state of {opened['state_at']}) is "
+        f"mounted read-only at {opened['path']}\nyour tree: {opened['tree']}\n"
+        f"close it with: {PROG} unbrowse {opened['path']}"))
 
 
 def _unbrowse(args: argparse.Namespace) -> int:
     if args.all == bool(args.target):
         raise ConfigError("unbrowse takes a browse mount's time or path, or --all")
     target = {"all": True} if args.all else {"at": _unbrowse_target(args.target)}
-    closed = _call(args, "unbrowse", **target)
-    if args.json:
-        _print_json(closed)
-    else:
-        for browse in closed["closed"]:
-            print(f"closed {browse['path']}")
-        if not closed["closed"]:
-            print("no browse mounts were open")
-    return 0
+    return _show(args, _call(args, "unbrowse", **target), lambda closed: "\n".join(
+        f"closed {browse['path']}" for browse in closed["closed"]) or "no browse mounts were open")
 
 
 def _unbrowse_target(target: str) -> str:
@@ -349,16 +328,15 @@ def _unbrowse_target(target: str) -> str:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    done = _call(args, "rollback", at=_checked_at(args.at))
-    if args.json:
-        _print_json(done)
-    else:
-        gc = done["gc"]
-        print(f"rolled back to {done['at']} (replicated state of {done['state_at']}); the mount "
-              f"was offline {done['offline_ms']:.0f} ms\nthe tree it replaced is checkpoint "
-              f"{done['checkpoint']['id']}\ngarbage collection: "
-              + (gc.get("summary") or "done" if gc.get("ok") else f"failed: {gc.get('error')}"))
-    return 0
+    return _show(args, _call(args, "rollback", at=_checked_at(args.at)), _rollback_text)
+
+
+def _rollback_text(done: dict[str, Any]) -> str:
+    gc = done["gc"]
+    return (f"rolled back to {done['at']} (replicated state of {done['state_at']}); the mount "
+            f"was offline {done['offline_ms']:.0f} ms\nthe tree it replaced is checkpoint "
+            f"{done['checkpoint']['id']}\ngarbage collection: "
+            + (gc.get("summary") or "done" if gc.get("ok") else f"failed: {gc.get('error')}"))
 
 
 def format_history(window: dict[str, Any]) -> str:
