@@ -38,8 +38,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emit_config import emit  # the helper beside this script
 
@@ -705,8 +703,7 @@ def tree_rounds(args: argparse.Namespace, size: int) -> int:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="fsm-bench-", dir=args.workdir))
     log_file = (work / "controller.log").open("w")
-    configure("json", logging.INFO)  # the daemon's production logging, into a file
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=log_file))
+    configure("json", logging.INFO, stream=log_file)  # the daemon's production logging
     say(f"work dir {work}")
     rec = Recorder()
     bare = Bare()

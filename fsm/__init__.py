@@ -14,15 +14,19 @@ from .errors import (
     CheckpointNotFound,
     ConfigError,
     ControlError,
+    EngineUnavailable,
     FsmError,
     HistoryOff,
     InUse,
     InvalidCheckpointId,
+    LeaseHeld,
+    MigrationFailed,
     MissingPrerequisite,
     MountLost,
     NoSpace,
     NotReadyError,
     NotReplicated,
+    OperationLocked,
     OutsideWindow,
     ReplicationLost,
     RollbackFailed,
@@ -31,20 +35,24 @@ from .errors import (
     TimeTravelError,
     ToolError,
     UnsafeMetadataCopy,
+    VolumeMoved,
 )
 
 if TYPE_CHECKING:
     from .checkpoints import Checkpoint
     from .config import Config
     from .controller import JuiceFS, Transition
+    from .history import Browse
+    from .migrate import MigrationResult, migrate_metadata
+    from .rollback import RollbackResult
     from .timepoints import RestoreWindow
-    from .timetravel import Browse, RollbackResult
 
 # Imported on first use: `juicefs-fsm status` and the other control-socket verbs need none of
 # these (the controller pulls in python-statemachine, structlog and asyncio: ~60 ms).
 _LAZY = {"Checkpoint": "checkpoints", "Config": "config", "JuiceFS": "controller",
-         "Transition": "controller", "RestoreWindow": "timepoints", "Browse": "timetravel",
-         "RollbackResult": "timetravel"}
+         "Transition": "controller", "RestoreWindow": "timepoints", "Browse": "history",
+         "RollbackResult": "rollback", "migrate_metadata": "migrate",
+         "MigrationResult": "migrate"}
 
 __all__ = [
     "BaseDirInUse",
@@ -58,16 +66,21 @@ __all__ = [
     "Config",
     "ConfigError",
     "ControlError",
+    "EngineUnavailable",
     "FsmError",
     "HistoryOff",
     "InUse",
     "InvalidCheckpointId",
     "JuiceFS",
+    "LeaseHeld",
+    "MigrationFailed",
+    "MigrationResult",
     "MissingPrerequisite",
     "MountLost",
     "NoSpace",
     "NotReadyError",
     "NotReplicated",
+    "OperationLocked",
     "OutsideWindow",
     "ReplicationLost",
     "RestoreWindow",
@@ -79,6 +92,8 @@ __all__ = [
     "ToolError",
     "Transition",
     "UnsafeMetadataCopy",
+    "VolumeMoved",
+    "migrate_metadata",
 ]
 __version__ = "0.1.0"
 

@@ -15,13 +15,14 @@ from typing import Any, ClassVar
 
 from .errors import CheckpointError, FsmError, InvalidCheckpointId
 
-_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+# Always fullmatch: with match(), `$` also matches before a final newline ("cp\n" passed).
+_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
 PRE_RESTORE = "pre-restore-"
 
 
 def validate_id(cp_id: object) -> str:
     """Refuse a bad id before anything touches disk."""
-    if not isinstance(cp_id, str) or not _ID.match(cp_id) or cp_id in {".", ".."}:
+    if not isinstance(cp_id, str) or not _ID.fullmatch(cp_id) or cp_id in {".", ".."}:
         raise InvalidCheckpointId(
             f"invalid checkpoint id {cp_id!r}: use 1-200 characters of A-Z, a-z, 0-9, '.', '_' "
             f"and '-' (not '.' or '..')"

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ from typing import Any, NoReturn
 from .errors import ConfigError, FsmError, one_line
 
 PROG = "juicefs-fsm"
+_NUMBER = re.compile(r"[0-9]{1,12}(?:\.[0-9]{0,9})?|\.[0-9]{1,9}")
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_NO_DAEMON = 3
@@ -30,7 +32,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _RUN_FIELDS = ("base_dir", "local_mode", "volume_name", "s3_endpoint_url", "s3_bucket",
                "upload_delay", "ready_timeout", "flush_timeout", "litestream_stop_timeout",
                "s3_retry_deadline", "cache_size_mib", "buffer_size_mib", "juicefs_bin",
-               "litestream_bin", "history_hours")
+               "litestream_bin", "history_hours", "lease_ttl", "http", "meta_url")
 
 
 _RUN_EPILOG = """\
@@ -110,7 +112,9 @@ def _add_run(sub: Any) -> None:
                                          "force-unmounting (default 300)"),
                        ("litestream-stop-timeout", "litestream gets for its final sync "
                                                    "(default 30)"),
-                       ("s3-retry-deadline", "flaky S3 calls are retried (default 60)")):
+                       ("s3-retry-deadline", "flaky S3 calls are retried (default 60)"),
+                       ("lease-ttl", "without a lease refresh before another machine may take "
+                                     "the volume over (FSM_LEASE_TTL, default 30)")):
         run.add_argument(f"--{name}", type=float, metavar="SECONDS", help=f"seconds {what}")
     run.add_argument("--cache-size-mib", type=int, metavar="MIB",
                      help="JuiceFS cache size (default 80%% of the cache filesystem)")
@@ -119,6 +123,14 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--history-hours", type=float, metavar="HOURS",
                      help="keep HOURS of whole-volume history for history/browse/rollback; "
                           "0 = off (FSM_HISTORY_HOURS, default 0; docs/time-travel.md)")
+    run.add_argument("--http", metavar="HOST:PORT",
+                     help="serve the live view (the chart, /metrics, /status) there; off by "
+                          "default; keep it on loopback: the page shows paths, pids and errors "
+                          "(FSM_HTTP; docs/live-view.md)")
+    run.add_argument("--meta-url", metavar="URL", type=_url_without_password,
+                     help="a shared JuiceFS metadata engine (postgres://USER@HOST/DB, "
+                          "redis://HOST/N) instead of SQLite + Litestream; the password in "
+                          "FSM_META_PASSWORD (FSM_META_URL; docs/shared-engine.md)")
     run.add_argument("--juicefs-bin", metavar="PATH", help="juicefs binary (default: PATH)")
     run.add_argument("--litestream-bin", metavar="PATH", help="litestream binary (default: PATH)")
     run.add_argument("--log-format", choices=_LOG_FORMATS,
@@ -128,6 +140,57 @@ def _add_run(sub: Any) -> None:
                      default=os.environ.get("FSM_LOG_LEVEL") or "info",
                      help="default info (FSM_LOG_LEVEL)")
     run.set_defaults(handler=_run)
+
+    migrate = sub.add_parser(
+        "migrate", help="move a stopped SQLite volume (tree and checkpoints) to a shared "
+                        "metadata engine", description="juicefs dump, load into the empty "
+        "engine, check, and record the move; the volume then starts only with --meta-url URL. "
+        "The password comes from FSM_META_PASSWORD. Config as for `run` (flags, FSM_*, "
+        "--config). docs/shared-engine.md")
+    _add_config_file(migrate)
+    migrate.add_argument("--base-dir", metavar="DIR", help="the volume's directory (FSM_BASE_DIR)")
+    migrate.add_argument("--to", required=True, metavar="URL", type=_url_without_password,
+                         help="the engine: postgres://USER@HOST:PORT/DB?sslmode=... or "
+                              "redis://HOST:PORT/N (empty; password in FSM_META_PASSWORD)")
+    migrate.add_argument("--local", dest="local_mode", action=argparse.BooleanOptionalAction,
+                         default=None, help="the volume is a local-mode one (FSM_LOCAL_MODE)")
+    migrate.add_argument("--volume-name", metavar="NAME", help="(FSM_VOLUME_NAME)")
+    migrate.add_argument("--json", action="store_true", help="print the result as JSON")
+    migrate.set_defaults(handler=_migrate)
+
+
+def _url_without_password(value: str) -> str:
+    from .metaengine import split_password
+
+    # argv is world-readable (/proc/<pid>/cmdline): the password travels in the environment.
+    if split_password(value)[1]:
+        raise argparse.ArgumentTypeError(
+            "the URL carries a password; leave it out and set FSM_META_PASSWORD instead "
+            "(command lines are readable by every user)")
+    return value
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+
+    from .config import layered
+    from .logs import configure
+    from .migrate import migrate_metadata
+
+    flags = {"base_dir": args.base_dir, "local_mode": args.local_mode,
+             "volume_name": args.volume_name,
+             "meta_url": ""}  # the volume moved is an SQLite one, whatever FSM_META_URL says
+    cfg = layered(file=args.config, flags=flags)
+    configure("auto", logging.WARNING, stdlib=True)
+    result = asyncio.run(migrate_metadata(cfg, args.to))
+    if args.json:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(f"moved volume {result.volume_name!r} to {result.moved_to}: {result.entries} "
+              f"entries, {len(result.checkpoints)} checkpoint(s), {result.seconds:.1f}s; "
+              f"start it with --meta-url {result.moved_to}")
+    return 0
 
 
 def _add_clients(sub: Any) -> None:
@@ -143,7 +206,7 @@ def _add_clients(sub: Any) -> None:
         _add_config_file(p)
         if json_flag:
             p.add_argument("--json", action="store_true", help="print JSON")
-        p.add_argument("--timeout", type=float, metavar="SECONDS",
+        p.add_argument("--timeout", type=_timeout, metavar="SECONDS",
                        help="how long to wait for the answer")
         p.set_defaults(handler=handler)
         return p
@@ -160,8 +223,23 @@ def _add_clients(sub: Any) -> None:
     _add_time_travel(client)
 
 
+def _timeout(text: str) -> float:
+    """--timeout SECONDS: digits only (no nan, inf or -1), then fsm.control's range."""
+    from .control import check_timeout
+
+    if not _NUMBER.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds; use e.g. 30 "
+                                         f"or 2.5")
+    try:
+        return check_timeout(float(text))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 _AT_HELP = ("the time: ISO 8601 (2026-01-02T03:04:05Z; no zone = local time), Unix seconds, "
-            "or relative: '5m ago', '2 hours ago', or --at=-90s")
+            "or relative: '5m ago', '2 hours ago', -90s")
+# A value of --at that reads as a negative duration (-90s, -0.5s, -5m).
+_NEGATIVE_TIME = re.compile(r"-\.?\d")
 
 
 def _add_time_travel(client: Callable[..., argparse.ArgumentParser]) -> None:
@@ -201,6 +279,9 @@ def _run(args: argparse.Namespace) -> int:
         _check_choice("--log-format / FSM_LOG_FORMAT", args.log_format, _LOG_FORMATS)
         _check_choice("--log-level / FSM_LOG_LEVEL", args.log_level, _LOG_LEVELS)
         cfg = run_config(args)
+        from .preflight import check_before_start
+
+        check_before_start(cfg)  # before the control socket creates base_dir
     except ConfigError as exc:
         _say_error(exc)
         return int(Exit.CONFIG)
@@ -219,7 +300,8 @@ def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
 def _warn_if_readable(path: Path) -> None:
     from .config import file_values
 
-    has_keys = {"s3_access_key", "s3_secret_access_key"} & set(file_values(path))
+    has_keys = {"s3_access_key", "s3_secret_access_key", "meta_password"} & set(
+        file_values(path))
     if has_keys and path.stat().st_mode & 0o077:
         from .logs import get_logger
 
@@ -297,10 +379,14 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _checked_at(text: str) -> str:
+    from .errors import OutsideWindow
     from .timepoints import iso, parse_time
 
     # Relative and local times are read here, where the user typed them.
-    return iso(parse_time(text))
+    try:
+        return iso(parse_time(text))
+    except OutsideWindow as exc:  # unreadable or out of range: a usage error (exit 2)
+        raise ConfigError(f"--at: {exc}") from None
 
 
 def _history(args: argparse.Namespace) -> int:
@@ -407,8 +493,32 @@ def _say_error(exc: BaseException) -> None:
     print(f"{PROG}: error: {one_line(str(exc)) or type(exc).__name__}", file=sys.stderr)
 
 
+def attach_negative_times(argv: Sequence[str]) -> list[str]:
+    """`--at -5m` as `--at=-5m`: argparse takes a word that starts with '-' (and is not a plain
+    number) for an option, and would say that --at lacks its value."""
+    out: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            out += [word, *words]
+            break
+        following = next(words, None) if word == "--at" else None
+        if following is not None and _NEGATIVE_TIME.match(following):
+            out.append(f"--at={following}")
+            continue
+        out.append(word)
+        if following is not None:
+            out.append(following)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
+        # First thing: a stop signal during start-up must not kill the daemon half-way.
+        from . import early_signals
+
+        early_signals.install()
+    args = build_parser().parse_args(attach_negative_times(sys.argv[1:] if argv is None else argv))
     from .control import DaemonUnreachable
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -11,14 +12,50 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import preflight
 from .errors import ConfigError, MissingPrerequisite
 from .layout import Layout
 
-# juicefs format's own rule (format.go): refuse early instead of after a restore.
-VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+# juicefs format's own rule (format.go): refuse early instead of after a restore. Always
+# fullmatch: `$` also matches before a final newline, which let "abc\n" through.
+VOLUME_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+_ENDPOINT = re.compile(r"https?://[^/\s]+/?")
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
+# How the environment may spell a number: not `nan`, `inf`, `1_000` or padded, all of which
+# float() and int() take.
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,30}")
+_FLOAT_TEXT = re.compile(
+    r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,3})?")
+
+# The single-writer lease (fsm.lease): below 3 s a refresh every ttl/3 leaves no room for one
+# slow request; above an hour a lost machine blocks its successor for too long.
+MIN_LEASE_TTL = 3.0
+MAX_LEASE_TTL = 3600.0
 
 # A year: longer windows keep a year of deleted data and metadata history (docs/time-travel.md).
 MAX_HISTORY_HOURS = 24 * 366
+_DAY = 24 * 3600
+
+# Sane ranges (the README's configuration table): finite, and narrow enough that a slip (a few
+# digits too many, minutes typed as seconds) is refused at once instead of waiting for a
+# century or asking for a petabyte. name: (low, high, low allowed, unit)
+_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "upload_delay": (0, _DAY, True, "seconds"),
+    "ready_timeout": (0, 3600, False, "seconds"),
+    "flush_timeout": (0, _DAY, False, "seconds"),
+    "litestream_stop_timeout": (0, 3600, False, "seconds"),
+    "replication_restart_window": (0, _DAY, False, "seconds"),
+    "s3_retry_deadline": (0, _DAY, False, "seconds"),
+    "lease_ttl": (MIN_LEASE_TTL, MAX_LEASE_TTL, True, "seconds"),
+    "history_hours": (0, MAX_HISTORY_HOURS, True, "hours (0: time travel off; at most a year)"),
+    "replication_restarts": (0, 1000, True, "restarts (0: fail at once when litestream exits)"),
+    "history_size": (1, 100_000, True, "transitions"),
+    "cache_size_mib": (1, 1 << 30, True, "MiB (at most 1 PiB)"),
+    "buffer_size_mib": (1, 1 << 20, True, "MiB (at most 1 TiB)"),
+}
+_INTEGER_FIELDS = {"replication_restarts", "history_size", "cache_size_mib", "buffer_size_mib"}
+# None means "the default" (the mode's, or one the machine decides).
+_OPTIONAL_NUMBERS = {"upload_delay", "cache_size_mib", "buffer_size_mib"}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -44,6 +81,10 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "juicefs_bin": ("FSM_JUICEFS_BIN",),
     "litestream_bin": ("FSM_LITESTREAM_BIN",),
     "history_hours": ("FSM_HISTORY_HOURS",),
+    "http": ("FSM_HTTP",),
+    "lease_ttl": ("FSM_LEASE_TTL",),
+    "meta_url": ("FSM_META_URL",),
+    "meta_password": ("FSM_META_PASSWORD",),
 }
 
 _INSTALL_HINT = {
@@ -81,6 +122,20 @@ def find_binary(name: str, explicit: str | None) -> str:
     )
 
 
+def http_address(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 as `[::1]:PORT`) of the live view -> (host, port). The host is not
+    resolved here: binding it is the daemon's first step, and fails there (exit 2)."""
+    host, sep, port = value.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    example = "use HOST:PORT, e.g. 127.0.0.1:9567 (loopback) or [::1]:9567"
+    if not sep or not host or "/" in value or any(c.isspace() for c in host):
+        raise ConfigError(f"http {value!r} is not HOST:PORT; {example}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"http {value!r}: the port must be 1-65535; {example}")
+    return host, int(port)
+
+
 def _parse_bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
@@ -116,44 +171,72 @@ class Config:
     juicefs_bin: str | None = None
     litestream_bin: str | None = None
     history_size: int = 50
-    # Time travel (fsm.timetravel): hours of whole-volume history to keep; 0 = off.
+    # Time travel (fsm.history): hours of whole-volume history to keep; 0 = off.
     history_hours: float = 0.0
+    # The live view (fsm.web): HOST:PORT to serve the page and /metrics on; "" = off.
+    http: str = ""
+    # S3 mode: seconds without a refresh after which another machine may take the volume over.
+    lease_ttl: float = 30.0
+    # A shared metadata engine (fsm.metaengine; docs/shared-engine.md): "" = SQLite + Litestream.
+    # A password in the URL is moved to meta_password at construction.
+    meta_url: str = ""
+    meta_password: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if not str(self.base_dir).strip():
             raise ConfigError("base_dir is required: the directory that holds the volume's files")
         object.__setattr__(self, "base_dir", Path(self.base_dir).expanduser().absolute())
-        if not VOLUME_NAME.match(self.volume_name):
+        preflight.check_config_paths(self)
+        if not isinstance(self.volume_name, str) or not VOLUME_NAME.fullmatch(self.volume_name):
             raise ConfigError(
                 f"volume_name {self.volume_name!r} is invalid: use 3-63 characters of a-z, 0-9 "
                 f"and '-', starting and ending with a letter or digit"
             )
         self._check_numbers()
+        self._check_http()
+        self._check_meta()
         if not self.local_mode:
             self._check_s3()
         object.__setattr__(self, "juicefs_bin", find_binary("juicefs", self.juicefs_bin))
         object.__setattr__(self, "litestream_bin", find_binary("litestream", self.litestream_bin))
 
     def _check_numbers(self) -> None:
-        if self.upload_delay is not None and self.upload_delay < 0:
-            raise ConfigError(f"upload_delay must be >= 0 seconds, got {self.upload_delay}")
-        for name in ("ready_timeout", "flush_timeout", "litestream_stop_timeout",
-                     "s3_retry_deadline", "replication_restart_window"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
-        for name in ("cache_size_mib", "buffer_size_mib"):
+        for name, (low, high, low_ok, unit) in _RANGES.items():
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be a positive number of MiB, got {value}")
-        if self.replication_restarts < 0:
-            raise ConfigError(f"replication_restarts must be >= 0 (0: fail at once when "
-                              f"litestream exits), got {self.replication_restarts}")
-        if self.history_size < 1:
-            raise ConfigError(f"history_size must be >= 1, got {self.history_size}")
-        if not 0 <= self.history_hours <= MAX_HISTORY_HOURS:
-            raise ConfigError(
-                f"history_hours must be between 0 (time travel off) and {MAX_HISTORY_HOURS} "
-                f"(a year), got {self.history_hours}")
+            if value is None and name in _OPTIONAL_NUMBERS:
+                continue
+            integer = name in _INTEGER_FIELDS
+            kinds: tuple[type, ...] = (int,) if integer else (int, float)
+            number = isinstance(value, kinds) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and
+                    (low <= value if low_ok else low < value) and value <= high):
+                above = ">=" if low_ok else ">"
+                raise ConfigError(
+                    f"{name} must be {'an integer' if integer else 'a finite number'} "
+                    f"{above} {low:.15g} and <= {high:.15g} {unit}, got {value!r}")
+
+    def _check_http(self) -> None:
+        if not isinstance(self.http, str):
+            raise ConfigError(f"http must be HOST:PORT or empty, got {self.http!r}")
+        if self.http:
+            http_address(self.http)
+
+    def _check_meta(self) -> None:
+        from . import metaengine  # it runs juicefs through fsm.proc, which imports this module
+
+        if not isinstance(self.meta_url, str) or not isinstance(self.meta_password, str):
+            raise ConfigError("meta_url and meta_password must be strings")
+        if not self.meta_url:
+            # meta_password alone is kept: `juicefs-fsm migrate --to URL` reads it from
+            # FSM_META_PASSWORD while the volume it moves is still an SQLite one.
+            return
+        engine = metaengine.parse_meta_url(self.meta_url, self.meta_password)
+        object.__setattr__(self, "meta_url", engine.url)
+        object.__setattr__(self, "meta_password", engine.password)
+        if self.history_hours:
+            raise ConfigError(f"history_hours={self.history_hours:g} with meta_url "
+                              f"{engine.display}: {metaengine.TIME_TRAVEL_REFUSED}; set "
+                              f"history_hours to 0")
 
     def _check_s3(self) -> None:
         missing = [
@@ -166,13 +249,14 @@ class Config:
                 "S3 mode needs " + ", ".join(missing) + "; set them, or use local_mode=True "
                 "(FSM_LOCAL_MODE=1) to keep everything on local disk"
             )
-        if not re.match(r"^https?://[^/\s]+/?$", self.s3_endpoint_url):
+        if not _ENDPOINT.fullmatch(self.s3_endpoint_url):
             raise ConfigError(
                 f"s3_endpoint_url {self.s3_endpoint_url!r} must be http(s)://host[:port] "
                 f"with no path; put the bucket name in s3_bucket"
             )
-        if "/" in self.s3_bucket:
-            raise ConfigError(f"s3_bucket {self.s3_bucket!r} must be a bare bucket name")
+        if not _BUCKET.fullmatch(self.s3_bucket):
+            raise ConfigError(f"s3_bucket {self.s3_bucket!r} must be a bare bucket name "
+                              f"(letters, digits, '.', '_' and '-')")
 
     @property
     def layout(self) -> Layout:
@@ -196,7 +280,8 @@ class Config:
         return "local" if self.local_mode else "s3"
 
     def secrets(self) -> list[str]:
-        return [s for s in (self.s3_access_key, self.s3_secret_access_key) if s]
+        return [s for s in (self.s3_access_key, self.s3_secret_access_key,
+                            self.meta_password) if s]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -215,13 +300,16 @@ def _convert(name: str, raw: str) -> Any:
     kind = str(_KINDS[name])
     if name == "local_mode":
         return _parse_bool(ENV_NAMES[name][0], raw)
-    try:
-        if "float" in kind:
-            return float(raw)
-        if "int" in kind:
-            return int(raw)
-    except ValueError:
-        raise ConfigError(f"{ENV_NAMES[name][0]}={raw!r} is not a number") from None
+    if "float" in kind:
+        if not _FLOAT_TEXT.fullmatch(raw):
+            raise ConfigError(f"{ENV_NAMES[name][0]}={raw!r} is not a number; write it as "
+                              f"digits, e.g. 30 or 2.5")
+        return float(raw)
+    if "int" in kind:
+        if not _INT_TEXT.fullmatch(raw):
+            raise ConfigError(f"{ENV_NAMES[name][0]}={raw!r} is not a whole number; write "
+                              f"it in digits, e.g. 512")
+        return int(raw)
     return raw
 
 

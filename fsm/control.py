@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import socket
 import stat
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import checkpoints as cps
 from . import errors
-from .errors import ControlError, FsmError
+from .errors import ConfigError, ControlError, FsmError
 from .layout import Layout
 from .logs import get_logger, ms_since
 
@@ -35,7 +36,19 @@ OPS = ("status", "checkpoint", "restore", "checkpoints", "delete", "history", "b
        "unbrowse", "rollback")
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SUN_PATH = 107
-_LINE_LIMIT = 1 << 20
+# Requests are a verb, an id or a time: a few hundred bytes. Anything bigger is refused unread.
+_LINE_LIMIT = 64 << 10
+# {"op": "x", "id": "y"} is depth 1; deeper structure is never needed.
+MAX_DEPTH = 8
+# A number in a request is a Unix time at most (int() of a longer one costs quadratic time).
+_MAX_NUMBER_CHARS = 40
+# A connection that sends no complete request (or does not read its answer) for this long is
+# closed: otherwise silent clients would hold a descriptor each, forever.
+IDLE_TIMEOUT = 60.0
+# Beyond this many open connections a new one is answered with an error and closed.
+MAX_CONNECTIONS = 64
+# A client's wait: finite, and at most a week (a checkpoint of a huge tree takes hours).
+MAX_CLIENT_TIMEOUT = 7 * 24 * 3600.0
 # Reading state answers at once; clone/rmr of a big tree can take a while.
 _TIMEOUTS = {"status": 10.0, "checkpoints": 30.0, "history": 60.0}
 _OP_TIMEOUT = 600.0
@@ -158,11 +171,19 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        crowded = len(self._connections) >= MAX_CONNECTIONS
         self._connections.add(task)
         try:
+            if crowded:
+                self.log.warning("control_connection_refused", open=len(self._connections) - 1,
+                                 limit=MAX_CONNECTIONS)
+                await self._answer(writer, _failure(ControlError(
+                    f"too many open connections to the control socket ({MAX_CONNECTIONS}); "
+                    f"try again (idle ones are closed after {IDLE_TIMEOUT:g}s)")))
+                return
             await self._converse(reader, writer)
-        except (ConnectionError, asyncio.CancelledError):
-            pass  # the client went away, or the daemon is closing this connection
+        except (ConnectionError, asyncio.CancelledError, asyncio.TimeoutError):
+            pass  # the client went away or stalled, or the daemon is closing this connection
         finally:
             self._connections.discard(task)
             writer.close()
@@ -173,16 +194,26 @@ class ControlServer:
                         writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                line = await reader.readline()
+                line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+            except asyncio.TimeoutError:  # TimeoutError from 3.11 on
+                await self._answer(writer, _failure(ControlError(
+                    f"no complete request for {IDLE_TIMEOUT:g}s: closing the connection")))
+                return
             except ValueError:  # longer than the limit: answer, then hang up
-                writer.write(_encode(_failure(ControlError(
-                    f"request longer than {_LINE_LIMIT} bytes"))))
-                await writer.drain()
+                await self._answer(writer, _failure(ControlError(
+                    f"request longer than {_LINE_LIMIT} bytes: a request is one short JSON "
+                    f"object on one line, e.g. {{\"op\": \"status\"}}")))
                 return
             if not line:
                 return
-            writer.write(_encode(await self.dispatch(line)))
-            await writer.drain()
+            await self._answer(writer, await self.dispatch(line))
+
+    @staticmethod
+    async def _answer(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
+        """Write one response line; a client that does not read it in IDLE_TIMEOUT is dropped
+        (TimeoutError) rather than holding the connection."""
+        writer.write(_encode(response))
+        await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT)
 
     async def dispatch(self, line: bytes) -> dict[str, Any]:
         """One request line -> one response object. Never raises for a bad request."""
@@ -227,7 +258,7 @@ class ControlServer:
         return {"id": cp_id}
 
 
-    # ---- time travel (fsm.timetravel) ----------------------------------------------------
+    # ---- time travel (fsm.history) ----------------------------------------------------
 
     async def _history(self, request: dict[str, Any]) -> Any:
         window = (await self.jfs.list_restore_points()).to_json()
@@ -270,13 +301,61 @@ def _id(request: dict[str, Any]) -> str:
 
 def _decode(line: bytes) -> dict[str, Any]:
     try:
-        request = json.loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ControlError("request is not UTF-8: send one JSON object per line, "
+                           "e.g. {\"op\": \"status\"}") from None
+    try:
+        request = json.loads(text, parse_int=_number(int), parse_float=_number(float),
+                             parse_constant=_no_constant)
+    except RecursionError:
+        raise ControlError(_too_deep()) from None
     except ValueError:
         raise ControlError("request is not valid JSON: send one JSON object per line, "
                            "e.g. {\"op\": \"status\"}") from None
     if not isinstance(request, dict):
         raise ControlError("request must be a JSON object, e.g. {\"op\": \"status\"}")
+    if _depth(request) > MAX_DEPTH:
+        raise ControlError(_too_deep())
     return request
+
+
+def _too_deep() -> str:
+    return (f"request nested deeper than {MAX_DEPTH} levels: a request is a flat JSON object, "
+            f"e.g. {{\"op\": \"checkpoint\", \"id\": \"cp-1\"}}")
+
+
+def _number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if len(text) > _MAX_NUMBER_CHARS:
+            raise ControlError(f"a number in the request has {len(text)} characters; at most "
+                               f"{_MAX_NUMBER_CHARS} (numbers are Unix times)")
+        value = kind(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ControlError(f"the number {text} in the request is out of range")
+        return value
+    return parse
+
+
+def _no_constant(name: str) -> Any:
+    raise ControlError(f"{name} is not a number a request may carry (not JSON either)")
+
+
+def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deep `value` nests, counting no further than limit + 1."""
+    if not isinstance(value, (dict, list)) or limit < 0:
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
+
+
+def check_timeout(timeout: float) -> float:
+    """A client's wait in seconds: finite, > 0 and at most MAX_CLIENT_TIMEOUT."""
+    if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+            and math.isfinite(timeout) and 0 < timeout <= MAX_CLIENT_TIMEOUT):
+        raise ConfigError(f"timeout must be a number of seconds > 0 and <= "
+                          f"{MAX_CLIENT_TIMEOUT:.0f} (a week), got {timeout!r}")
+    return float(timeout)
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -295,7 +374,7 @@ def call(base_dir: Path | str, op: str, *, timeout: float | None = None, **args:
     Raises DaemonUnreachable (a ControlError) when no daemon answers, the FsmError subclass the
     daemon reported (e.g. CheckpointNotFound, NotReadyError) when it refused, or ControlError."""
     path = socket_path(base_dir)
-    wait = timeout if timeout is not None else _TIMEOUTS.get(op, _OP_TIMEOUT)
+    wait = check_timeout(timeout) if timeout is not None else _TIMEOUTS.get(op, _OP_TIMEOUT)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(wait)
         _connect(sock, path)

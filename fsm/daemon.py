@@ -21,8 +21,9 @@ import signal
 import time
 from datetime import datetime, timezone
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import early_signals
 from .config import Config
 from .control import ControlServer
 from .controller import JuiceFS, Transition
@@ -30,6 +31,9 @@ from .errors import ConfigError, ControlError, FsmError, StartError, StopError
 from .juicefs import lazy_unmount, mount_fstype, remove_handover_files
 from .logs import ms_since
 from .sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from .web import WebServer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -54,6 +58,12 @@ class Daemon:
         self.notifier = notifier
         self.log = jfs.log.bind(component="daemon")
         self.control = ControlServer(jfs, extra_status=self._extra_status, log=jfs.log)
+        # The live view (--http): the page, /status and /metrics, off unless asked for.
+        self.web: WebServer | None = None
+        if jfs.config.http:
+            from .web import WebServer  # aiohttp is imported only when it is used
+
+            self.web = WebServer(jfs, jfs.config.http, status=self.status, log=jfs.log)
         self.versions: dict[str, str | None] = {"juicefs": None, "litestream": None}
         self._started = time.monotonic()
         self._started_at = datetime.now(timezone.utc)
@@ -70,11 +80,25 @@ class Daemon:
         self.jfs.add_observer(self._on_transition)
         self.jfs.add_progress_observer(self._on_progress)
         try:
+            # Checked once the loop's handlers are in place, so no signal falls in between.
+            early = early_signals.received()
+            if early:
+                return self._stopped_before_start(signal.Signals(early[0]).name)
             try:
+                if self.web is not None:
+                    self.web.bind()  # first: a port in use is exit 2, before anything starts
                 await self.control.start()
+            except ConfigError as exc:
+                self.log.error("daemon_start_failed", error=str(exc))
+                return Exit.CONFIG
             except ControlError as exc:
                 self.log.error("daemon_start_failed", error=str(exc))
                 return Exit.START
+            if self.web is not None:
+                await self.web.start()  # serves in the background: READY does not wait
+            if self._stop_requested.is_set():  # signalled while the sockets were being bound
+                await self.control.close()
+                return self._stopped_before_start(None)
             probe = asyncio.create_task(self._probe_versions())
             try:
                 return await self._lifecycle()
@@ -83,9 +107,20 @@ class Daemon:
                 await asyncio.gather(probe, return_exceptions=True)
                 await self.control.close()
         finally:
+            if self.web is not None:
+                await self.web.close()  # after the stop: the page shows it to the end
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
+            # Not back to the default action (death by signal, 143) while the process winds down.
+            early_signals.install()
             self.notifier.close()
+
+    def _stopped_before_start(self, early_signal: str | None) -> Exit:
+        """A stop signal came before the volume's start began: nothing to stop, exit 0."""
+        self.log.info("daemon_exit", exit_code=int(Exit.OK), reason="stopped_before_start",
+                      **({"signal": early_signal} if early_signal else {}),
+                      uptime_s=round(time.monotonic() - self._started, 1))
+        return Exit.OK
 
     async def _lifecycle(self) -> int:
         start = asyncio.create_task(self.jfs.start())
@@ -237,6 +272,10 @@ class Daemon:
                 self.log.warning("version_probe_failed", tool=name, error=str(result))
             else:
                 self.versions[name] = _short_version(result)
+
+    def status(self) -> dict[str, Any]:
+        """What `juicefs-fsm status --json` prints (the control socket's status answer)."""
+        return {**self.jfs.status(), **self._extra_status()}
 
     def _extra_status(self) -> dict[str, Any]:
         from . import __version__

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -202,9 +204,27 @@ def _dot_caption(lines: list[str]) -> str:
     return f'<<table border="0" cellspacing="0" cellpadding="1">{"".join(rows)}</table>>'
 
 
+# graphviz-pure (a dependency: a port of Graphviz's dot that writes the same bytes on every
+# machine) first, a system Graphviz `dot` if that is all there is.
+GRAPHVIZ_PROGRAMS = ("graphviz-pure", "dot")
+
+
+def graphviz_program() -> str | None:
+    """The Graphviz program to draw with, on PATH or beside the running interpreter (a venv
+    that was not activated); None when there is none."""
+    for name in GRAPHVIZ_PROGRAMS:
+        found = shutil.which(name)
+        if found:
+            return found
+        beside = Path(sys.executable).parent / name
+        if beside.is_file() and os.access(beside, os.X_OK):
+            return str(beside)
+    return None
+
+
 def image(fmt: str, highlight: Highlight | None = None) -> bytes:
-    """SVG or PNG through Graphviz `dot` (GraphvizNotFoundError when it is not installed)."""
-    data: bytes = run_graphviz(dot(highlight), fmt)
+    """SVG or PNG through Graphviz (GraphvizNotFoundError when there is none)."""
+    data: bytes = run_graphviz(dot(highlight), fmt, prog=graphviz_program() or "dot")
     return data
 
 
@@ -292,7 +312,8 @@ def command(args: argparse.Namespace) -> int:
     try:
         data = render(fmt, highlight)
     except GraphvizError as exc:
-        print(f"juicefs-fsm diagram: {fmt} needs Graphviz (Debian: apt-get install graphviz); "
+        print(f"juicefs-fsm diagram: {fmt} needs Graphviz (pip install graphviz-pure, or "
+              f"Debian: apt-get install graphviz); "
               f"--format mermaid and dot do not: {_first_line(exc)}", file=sys.stderr)
         return 1
     if output == "-":

@@ -122,7 +122,7 @@ class S3AccessError(ConfigError):
 
 
 class TimeTravelError(FsmError):
-    """A history, browse or rollback request could not be carried out (fsm.timetravel)."""
+    """A history, browse or rollback request could not be carried out (fsm.history)."""
 
 
 class HistoryOff(TimeTravelError):
@@ -153,3 +153,54 @@ class UnsafeMetadataCopy(TimeTravelError):
 
 class RollbackFailed(TimeTravelError):
     """A rollback step failed; the message says whether the volume is back as it was."""
+
+
+class S3PreconditionFailed(FsmError):
+    """A conditional write was refused (HTTP 412): the object exists, or changed since it was
+    read. Not retried as such: read the object again and decide."""
+
+
+class S3ObjectMissing(FsmError):
+    """The object is not in the bucket (HTTP 404 on a read or a conditional write)."""
+
+
+class LeaseHeld(FsmError):
+    """Another machine holds the volume's single-writer lease (fsm.lease) and is alive; nothing
+    was changed. `holder` is the lease body (host, pid, base_dir, since, ...), `expires_in_s`
+    the soonest it could be taken over if the holder stopped refreshing now."""
+
+    def __init__(self, message: str, holder: dict[str, object] | None = None,
+                 expires_in_s: float | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
+        self.expires_in_s = expires_in_s
+
+
+class LeaseLost(FsmError):
+    """This machine no longer holds the volume's lease: another took it over, or it could not
+    be refreshed before its fence deadline. The volume must stop writing at once."""
+
+
+class EngineUnavailable(FsmError):
+    """The shared metadata engine (meta_url) could not be asked: down, unreachable, or it
+    refused the user or password. The message names the engine without its password."""
+
+
+class OperationLocked(FsmError):
+    """Another machine (or process) holds the volume's lock for this kind of operation (format,
+    or restore/delete of trees on a shared engine) longer than the bounded wait. Nothing was
+    changed; `holder` is what the lock says about its holder."""
+
+    def __init__(self, message: str, holder: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+class VolumeMoved(ConfigError):
+    """The volume's metadata was moved to a shared engine (`juicefs-fsm migrate`): starting it
+    in the SQLite mode would fork it. Set meta_url to the engine named in the message."""
+
+
+class MigrationFailed(FsmError):
+    """`migrate_metadata` did not complete; the SQLite volume is as it was, and the message says
+    what (if anything) to clean in the target engine."""

@@ -16,10 +16,15 @@ from typing import Any
 
 from .config import Config
 from .errors import ToolError
+from .metaengine import engine_env, meta_url_for
 from .proc import Child, Completed, alive, child_env, run, stuck_exiting
 from .timepoints import trash_days_needed
 
 READY_LINE = "is ready at"
+# A second line of defence after a takeover (fsm.takeover): a read of an object that is not in
+# the bucket fails after a bounded time instead of blocking for the defaults' ~10 minutes
+# (60 s timeout x 10 retries).
+S3_READ_BOUND = ("--get-timeout", "20s", "--io-retries", "4")
 _PROBE_INTERVAL = 0.005
 # A mount point that does not answer a stat within this long is hung (its server is gone).
 _PROBE_TIMEOUT = 2.0
@@ -123,10 +128,11 @@ class JuiceFSTool:
         self.layout = cfg.layout
         self.bin = str(cfg.juicefs_bin)
         self.log = log.bind(tool="juicefs")
-        extra = {} if cfg.local_mode else {
-            "ACCESS_KEY": cfg.s3_access_key, "SECRET_KEY": cfg.s3_secret_access_key}
-        # Credentials travel in the environment only, never in argv.
-        self.env = child_env(extra)
+        # Credentials (the bucket's, a shared engine's META_PASSWORD) travel in the
+        # environment only, never in argv.
+        self.env = engine_env(cfg)
+        # The volume's META-URL: the SQLite file, or a shared engine's URL without password.
+        self.meta_url = meta_url_for(cfg)
         self.secrets = cfg.secrets()
         self.ready_line = asyncio.Event()  # set when juicefs prints "is ready at"
 
@@ -142,23 +148,24 @@ class JuiceFSTool:
 
     async def format(self) -> None:
         storage = "file" if self.cfg.local_mode else "s3"
-        # Time travel keeps deleted data as long as its history window (fsm.timetravel).
+        # Time travel keeps deleted data as long as its history window (fsm.history).
         trash = ["--trash-days", str(trash_days_needed(self.cfg))] if self.cfg.history_hours else []
         await self._run("format", "format", "--storage", storage, "--bucket", self.cfg.bucket_url,
-                        *trash, "--no-update", self.layout.meta_url, self.cfg.volume_name)
+                        *trash, "--no-update", self.meta_url, self.cfg.volume_name)
 
     def mount_argv(self, upload_delay: float | None = None) -> list[str]:
         """`upload_delay` overrides the configured one (the flush remount at stop uses 0)."""
         cfg = self.cfg
         delay = cfg.effective_upload_delay if upload_delay is None else upload_delay
         return [
-            self.bin, "mount", self.layout.meta_url, str(self.layout.mount_point),
+            self.bin, "mount", self.meta_url, str(self.layout.mount_point),
             "--writeback",
             "--cache-dir", str(self.layout.cache_dir),
             "--cache-size", str(cache_size_mib(cfg)),
             "--buffer-size", str(buffer_size_mib(cfg)),
             "--upload-delay", f"{delay:g}s",
             "--no-usage-report", "--no-syslog",
+            *([] if cfg.local_mode else S3_READ_BOUND),
         ]
 
     def mount_child(self, upload_delay: float | None = None) -> Child:
@@ -315,11 +322,11 @@ class JuiceFSTool:
             await self.abort_connection()
 
 
-    # ---- time travel (fsm.timetravel) ------------------------------------------------------
+    # ---- time travel (fsm.history) ------------------------------------------------------
 
     async def set_trash_days(self, days: int) -> None:
         """Raise the primary volume's trash-days (`juicefs config`)."""
-        await self._run("config", "config", self.layout.meta_url, "--trash-days", str(days),
+        await self._run("config", "config", self.meta_url, "--trash-days", str(days),
                         "--yes")
 
     async def fsck(self, db: Path) -> str:
@@ -330,7 +337,7 @@ class JuiceFSTool:
     async def gc_primary(self) -> str:
         """`juicefs gc --delete` against the primary metadata only: objects no slice of it
         references are deleted (objects younger than an hour are skipped by juicefs)."""
-        return (await self._call("gc", "gc", self.layout.meta_url, "--delete",
+        return (await self._call("gc", "gc", self.meta_url, "--delete",
                                  timeout=3600)).stderr
 
     def read_only_mount_child(self, db: Path, mount_point: Path, cache_dir: Path) -> Child:

@@ -75,10 +75,27 @@ class Layout:
 
     @property
     def history_dir(self) -> Path:
-        # Read-only mounts of past points in time: history/<timestamp>/ (fsm.timetravel).
+        # Read-only mounts of past points in time: history/<timestamp>/ (fsm.history).
         return self.base_dir / "history"
 
     @property
     def time_travel_dir(self) -> Path:
-        # Restored metadata copies, their caches, the rollback journal (fsm.timetravel).
+        # Restored metadata copies, their caches, the rollback journal (fsm.history).
         return self.base_dir / "time-travel"
+
+
+# ---- keys in the bucket (S3 mode): every key the controller writes is under the volume's own
+# prefix, beside JuiceFS's {volume_name}/chunks/, so volumes can share a bucket (docs/s3.md).
+
+LEGACY_REPLICA_PREFIX = "juicefs-metadata"
+"""Where releases before the per-volume layout kept every volume's replica (shared: unsafe)."""
+
+
+def replica_prefix(volume_name: str) -> str:
+    """The Litestream replica's root; a rollback's new histories are sub-paths under it."""
+    return f"{volume_name}/metadata"
+
+
+def control_key(volume_name: str, name: str) -> str:
+    """A key of the controller's own: the lease, the replica pointer (CURRENT), markers."""
+    return f"{volume_name}/fsm/{name}"

@@ -11,10 +11,10 @@ from typing import Any
 
 from .config import Config
 from .errors import ToolError
+from .layout import replica_prefix
 from .proc import Child, child_env, run
 from .timepoints import snapshot_lines
 
-REPLICA_PATH = "juicefs-metadata"
 # Makes litestream 0.5 fail to start its S3 replica ("unable to add custom RootCAs").
 _DROPPED_ENV = ("AWS_CA_BUNDLE",)
 
@@ -74,7 +74,7 @@ class LitestreamTool:
         self.env = child_env(extra, drop=_DROPPED_ENV)
         self.secrets = cfg.secrets()
         # Below the replica root: "" (the root itself) until a rollback starts a new history
-        # there (fsm.timetravel records the switch and sets this before the config is written).
+        # there (fsm.rollback records the switch and sets this before the config is written).
         self.replica_subpath = ""
 
     @property
@@ -83,7 +83,8 @@ class LitestreamTool:
         if self.cfg.local_mode:
             root = str(self.layout.litestream_replica_dir)
             return f"{root}/{self.replica_subpath}" if self.replica_subpath else root
-        return f"{REPLICA_PATH}/{self.replica_subpath}" if self.replica_subpath else REPLICA_PATH
+        root = replica_prefix(self.cfg.volume_name)
+        return f"{root}/{self.replica_subpath}" if self.replica_subpath else root
 
     def config_text(self) -> str:
         lay = self.layout
@@ -172,7 +173,7 @@ class LitestreamTool:
                         "-socket", str(self.layout.litestream_socket),
                         str(self.layout.metadata_db), timeout=timeout + 5)
 
-    # ---- time travel (fsm.timetravel) ------------------------------------------------------
+    # ---- time travel (fsm.history, fsm.pointintime) -----------------------------------------
 
     async def ltx_files(self) -> list[dict[str, Any]]:
         """Every LTX file of the replica in use, all levels (`litestream ltx -json`): `level`,

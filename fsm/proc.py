@@ -23,7 +23,28 @@ _LEVEL = re.compile(r"<(DEBUG|INFO|WARNING|ERROR|FATAL)>|level=(DEBUG|INFO|WARN|
 _LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "WARN": "warning",
            "ERROR": "error", "FATAL": "error"}
 
+# Warnings juicefs prints on every run that ask nothing of anyone: storage tiers are an S3
+# storage-class feature other stores lack, PR_SET_IO_FLUSHER needs a capability containers
+# seldom grant, and metadata backup is off on purpose (`--backup-meta 0`: Litestream keeps the
+# metadata). Kept at debug so that the warnings left mean something.
+BENIGN = ("Set storage tier: not supported",
+          "CAP_SYS_RESOURCE is needed for PR_SET_IO_FLUSHER",
+          "Metadata backup is disabled")
+# juicefs times its first query of the metadata engine and warns above 10 ms: worth knowing for
+# a database across a network, noise for a local SQLite file on a busy machine.
+BENIGN_WITH_SQLITE = ("The latency to database is too high",)
+
 LineHook = Callable[[str], None]
+
+
+def line_level(line: str, benign: Iterable[str] = BENIGN) -> str:
+    """The log level of a child's output line: its own warning or error level, else debug
+    (the children's progress chatter is for --log-level debug)."""
+    match = _LEVEL.search(line)
+    level = _LEVELS[next(g for g in match.groups() if g)] if match else "debug"
+    if level in ("warning", "error") and not any(known in line for known in benign):
+        return level
+    return "debug"
 
 
 def clean_line(raw: bytes) -> str:
@@ -56,6 +77,8 @@ class Child:
         self.stdout_lines: list[str] = []
         self._proc: asyncio.subprocess.Process | None = None
         self._pumps: list[asyncio.Task[None]] = []
+        sqlite = any(arg.startswith("sqlite3://") for arg in argv)
+        self._benign = BENIGN + (BENIGN_WITH_SQLITE if sqlite else ())
 
     @property
     def pid(self) -> int | None:
@@ -96,10 +119,8 @@ class Child:
                 self.stdout_lines.append(line)
             elif name == "stderr":
                 self._tail.append(line)
-            match = _LEVEL.search(line)
-            level = _LEVELS[next(g for g in match.groups() if g)] if match else "info"
-            getattr(self._log, level)("child_output", tool=self.tool, pid=self.pid,
-                                      stream=name, line=line)
+            getattr(self._log, line_level(line, self._benign))(
+                "child_output", tool=self.tool, pid=self.pid, stream=name, line=line)
             if self._on_line is not None:
                 self._on_line(line)
 
@@ -133,15 +154,15 @@ class Child:
             if not await self.exits_within(timeout):
                 self._log.warning("child_kill", tool=self.tool, pid=self.pid,
                                   reason=f"no exit {timeout:.0f}s after SIGTERM")
-                self._kill_group()
+                self.kill_group()
         return await self.wait()
 
     async def kill(self) -> None:
-        self._kill_group()
+        self.kill_group()
         if self._proc is not None:
             await self.wait()
 
-    def _kill_group(self) -> None:
+    def kill_group(self) -> None:
         """SIGKILL the child and what it forked (the child leads its own process group): the
         FUSE server of `juicefs mount` is the supervisor's child, and would otherwise outlive
         it, holding the output pipes that wait() drains."""

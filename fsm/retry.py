@@ -101,3 +101,23 @@ async def with_s3_retries(what: str, attempt: Callable[[], Awaitable[T]], *, dea
         log.info("s3_retry_succeeded", what=what, attempts=attempts,
                  elapsed_s=round(time.monotonic() - started, 3))
     return result
+
+
+async def with_s3(config: Any, log: Any, what: str, step: Callable[[], Awaitable[T]], *,
+                  check_first: bool = True) -> T:
+    """Run a step that needs S3; in S3 mode, check the bucket before each attempt (ms, where
+    the tools' own SDK retries take seconds to minutes) and retry while S3 is unavailable, up
+    to s3_retry_deadline. Local mode: just the step."""
+    if config.local_mode:
+        return await step()
+    from . import s3  # s3 imports the adapters; retry stays importable on its own
+
+    async def attempt() -> T:
+        if check_first:
+            await s3.check_bucket(s3.target_of(config))
+        try:
+            return await step()
+        except ToolError as exc:
+            raise classify_tool_error(exc) from exc
+
+    return await with_s3_retries(what, attempt, deadline=config.s3_retry_deadline, log=log)

@@ -1,10 +1,10 @@
-"""S3 mode: a small S3 client of our own, and whose metadata a start should use.
+"""S3 mode: our own S3 calls (through obstore), and whose metadata a start should use.
 
-The client (stdlib only) sends one SigV4-signed request to check the bucket. Why not the
-juicefs/litestream binaries: their SDKs retry internally for a long time (`litestream restore`
-against a closed port took ~4 minutes, `juicefs format` ~12 s), and a wrong secret comes back
-buried in a stderr tail. One signed request answers in milliseconds and says whether the
-problem is transient (connection refused, timeout, 5xx) or not (403, 404).
+Why our own calls and not the juicefs/litestream binaries: their SDKs retry internally for a
+long time (`litestream restore` against a closed port took ~4 minutes, `juicefs format` ~12 s),
+and a wrong secret comes back buried in a stderr tail. One request with obstore's own retries
+off answers in milliseconds and says whether the problem is transient (connection refused,
+timeout, 5xx: S3Unavailable, retried by fsm.retry) or not (403, no such bucket: S3AccessError).
 
 At start, the local metadata.db is kept only when its format names the configured bucket;
 otherwise it is moved under set-aside/ (never deleted) and litestream restores the bucket's copy.
@@ -12,30 +12,50 @@ otherwise it is moved under set-aside/ (never deleted) and litestream restores t
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
-import hmac
-import http.client
 import os
 import re
-import ssl
 import urllib.parse
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import obstore
+from obstore.exceptions import (
+    AlreadyExistsError,
+    BaseError,
+    PermissionDeniedError,
+    PreconditionError,
+    UnauthenticatedError,
+)
+from obstore.store import S3Store
+
 from .config import Config
-from .errors import S3AccessError, S3Unavailable
+from .errors import (
+    ConfigError,
+    FsmError,
+    S3AccessError,
+    S3ObjectMissing,
+    S3PreconditionFailed,
+    S3Unavailable,
+)
 from .juicefs import read_format
 from .layout import Layout
 
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 DEFAULT_REGION = "us-east-1"
+# Short on purpose: an outage must show as S3Unavailable within seconds, so that fsm.retry's
+# backoff (and the lease's fence deadline) decide how long to wait, not the HTTP client.
+CONNECT_TIMEOUT = 2.0
+REQUEST_TIMEOUT = 5.0
+
 _CODE = re.compile(r"<Code>([^<]+)</Code>")
 _MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
 _REGION = re.compile(r"<Region>([^<]+)</Region>")
+_STATUS = re.compile(r"status code: (\d{3})|\bstatus: (\d{3})\b")
+_OS_MESSAGE = re.compile(r'message: "([^"]+)"')
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
+                    "ConditionalRequestConflict", "OperationAborted"}
 
 
 @dataclass(frozen=True)
@@ -54,162 +74,258 @@ class S3Target:
 
 
 @dataclass(frozen=True)
-class Response:
-    status: int
-    headers: dict[str, str]
+class Stored:
+    """An object's body and the ETag to make a conditional write (If-Match) against it."""
+
     body: bytes
+    etag: str
+
+
+@lru_cache(maxsize=32)
+def _store(target: S3Target, timeout: float) -> S3Store:
+    # Cached: building a client costs ~4 ms, and it keeps its connections alive between calls.
+    return S3Store(
+        target.bucket, endpoint=target.endpoint.rstrip("/"), access_key_id=target.access_key,
+        secret_access_key=target.secret_key, region=target.region,
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True, "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
+                        "timeout": timedelta(seconds=timeout)},
+        retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=timeout)})
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What an obstore error says, parsed out of its text (obstore exposes no fields)."""
+
+    status: int | None
+    code: str
+    message: str
+    reason: str  # why no answer came back (connection refused, timed out), when none did
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _Failure:
+        text = str(exc)
+        found = _STATUS.search(text)
+        status = int(found.group(1) or found.group(2)) if found else None
+        code = _CODE.search(text)
+        message = _MESSAGE.search(text)
+        reason = ""
+        if status is None:
+            os_message = _OS_MESSAGE.search(text)
+            if "kind: Timeout" in text or "timed out" in text.lower():
+                reason = "timed out"
+            elif os_message:
+                reason = os_message.group(1)
+            else:
+                reason = text.split("\n", 1)[0].rsplit(" - ", 1)[-1][:200]
+        return cls(status, code.group(1) if code else "", message.group(1) if message else "",
+                   reason)
 
     @property
-    def code(self) -> str:
-        """The S3 error code from the XML body ('' when there is none, e.g. for HEAD)."""
-        found = _CODE.search(self.body.decode("utf-8", "replace"))
-        return found.group(1) if found else ""
-
-    @property
-    def message(self) -> str:
-        found = _MESSAGE.search(self.body.decode("utf-8", "replace"))
-        return found.group(1) if found else ""
+    def detail(self) -> str:
+        return f"HTTP {self.status}" + (f" {self.code}" if self.code else "") + (
+            f": {self.message}" if self.message else "")
 
 
-def _hmac(key: bytes, text: str) -> bytes:
-    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+def _scrub(text: str, target: S3Target) -> str:
+    for secret in (target.secret_key, target.access_key):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
-def _quote(text: str, safe: str = "-_.~") -> str:
-    return urllib.parse.quote(text, safe=safe)
+def _error(target: S3Target, exc: BaseException, doing: str) -> FsmError:
+    """The FsmError for an obstore failure while `doing` (e.g. "listing bucket 'b'")."""
+    failure = _Failure.of(exc)
+    return _judge(target, failure, doing, exc)
 
 
-def sign(target: S3Target, method: str, path: str, query: dict[str, str], host: str,
-         payload_sha256: str = EMPTY_SHA256, now: datetime | None = None) -> dict[str, str]:
-    """The headers of an AWS Signature Version 4 request (service s3)."""
-    moment = now or datetime.now(timezone.utc)
-    amz_date = moment.strftime("%Y%m%dT%H%M%SZ")
-    day = amz_date[:8]
-    headers = {"host": host, "x-amz-content-sha256": payload_sha256, "x-amz-date": amz_date}
-    signed = ";".join(sorted(headers))
-    canonical = "\n".join([
-        method,
-        _quote(path, safe="/-_.~"),
-        "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items())),
-        "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
-        signed,
-        payload_sha256,
-    ])
-    scope = f"{day}/{target.region}/s3/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
-    key = _hmac(_hmac(_hmac(_hmac(f"AWS4{target.secret_key}".encode(), day), target.region),
-                      "s3"), "aws4_request")
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={target.access_key}/{scope}, "
-                                f"SignedHeaders={signed}, Signature={signature}")
-    return headers
-
-
-def request(target: S3Target, method: str, key: str = "", query: dict[str, str] | None = None,
-            body: bytes = b"", timeout: float = 5.0) -> Response:
-    """One signed path-style request to the bucket (or an object in it). Blocking.
-    Network failures raise OSError / http.client.HTTPException; any HTTP answer is returned."""
-    parts = urllib.parse.urlsplit(target.endpoint)
-    host = parts.netloc
-    path = f"/{target.bucket}" + (f"/{key}" if key else "")
-    query = query or {}
-    headers = sign(target, method, path, query, host, hashlib.sha256(body).hexdigest())
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(host, timeout=timeout,
-                                           context=ssl.create_default_context())
-    else:
-        conn = http.client.HTTPConnection(host, timeout=timeout)
-    url = _quote(path, safe="/-_.~")
-    if query:
-        url += "?" + "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items()))
-    try:
-        conn.request(method, url, body=body or None, headers=headers)
-        answer = conn.getresponse()
-        data = answer.read()
-        return Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, data)
-    finally:
-        conn.close()
-
-
-def _redirected_region(target: S3Target, answer: Response) -> str | None:
-    """The bucket's region when S3 says we signed for the wrong one."""
-    if answer.status not in (301, 400):
-        return None
-    region = answer.headers.get("x-amz-bucket-region")
-    if not region:
-        found = _REGION.search(answer.body.decode("utf-8", "replace"))
-        region = found.group(1) if found else None
-    return region if region and region != target.region else None
-
-
-def check_bucket_sync(target: S3Target, timeout: float = 5.0) -> str:
-    """List at most one key of the bucket, as juicefs and litestream will. Returns the region
-    the bucket answered in. Raises S3Unavailable (worth retrying) or S3AccessError (not)."""
-    query = {"list-type": "2", "max-keys": "1"}
-    try:
-        answer = request(target, "GET", query=query, timeout=timeout)
-        region = _redirected_region(target, answer)
-        if region:
-            target = S3Target(target.endpoint, target.bucket, target.access_key,
-                              target.secret_key, region)
-            answer = request(target, "GET", query=query, timeout=timeout)
-    except ssl.SSLCertVerificationError as exc:
-        raise S3AccessError(
-            f"the TLS certificate of {target.endpoint} was not accepted ({exc.verify_message}); "
-            f"fix the endpoint URL or install its CA (SSL_CERT_FILE)") from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise S3Unavailable(f"S3 endpoint {target.endpoint} is unreachable: "
-                            f"{exc.__class__.__name__}: {exc}") from None
-    _raise_for(target, answer)
-    return target.region
-
-
-def _raise_for(target: S3Target, answer: Response) -> None:
-    if 200 <= answer.status < 300:
-        return
-    code, status = answer.code, answer.status
-    detail = f"HTTP {status}" + (f" {code}" if code else "") + (
-        f": {answer.message}" if answer.message else "")
-    if status >= 500 or status in (408, 429) or code in {"SlowDown", "RequestTimeout",
-                                                         "InternalError", "ServiceUnavailable"}:
-        raise S3Unavailable(f"S3 at {target.endpoint} is not serving yet ({detail})")
-    if code == "NoSuchBucket" or (status == 404 and not code):
-        raise S3AccessError(
-            f"bucket {target.bucket!r} does not exist at {target.endpoint} ({detail}); "
+def _judge(target: S3Target, f: _Failure, doing: str, exc: BaseException) -> FsmError:
+    where = target.endpoint
+    if f.status is None:
+        if "certificate" in str(exc).lower():
+            return S3AccessError(
+                f"the TLS certificate of {where} was not accepted; fix the endpoint URL or "
+                f"install its CA (SSL_CERT_FILE)")
+        return S3Unavailable(_scrub(f"S3 endpoint {where} is unreachable: {f.reason}", target))
+    detail = _scrub(f.detail, target)
+    if f.status >= 500 or f.status in (408, 409, 429) or f.code in _TRANSIENT_CODES:
+        return S3Unavailable(f"S3 at {where} is not serving yet ({detail})")
+    if f.code == "NoSuchBucket":
+        return S3AccessError(
+            f"bucket {target.bucket!r} does not exist at {where} ({detail}); "
             f"create it, or fix s3_bucket / s3_endpoint_url")
-    if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-        raise S3AccessError(
-            f"S3 at {target.endpoint} rejected the credentials ({detail}); "
+    if isinstance(exc, (AlreadyExistsError, PreconditionError)) or f.status == 412:
+        return S3PreconditionFailed(f"S3 at {where} refused a conditional write {doing} "
+                                    f"({detail}): the object exists or has changed")
+    if isinstance(exc, FileNotFoundError) or f.status == 404:
+        return S3ObjectMissing(f"no such object {doing} in bucket {target.bucket!r} at {where}")
+    if f.code in {"InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+        return S3AccessError(
+            f"S3 at {where} rejected the credentials ({detail}); "
             f"check s3_access_key and s3_secret_access_key")
-    if status in (401, 403):
-        raise S3AccessError(
-            f"S3 at {target.endpoint} denied listing bucket {target.bucket!r} ({detail}); "
+    if f.status in (401, 403) or isinstance(exc, (PermissionDeniedError, UnauthenticatedError)):
+        return S3AccessError(
+            f"S3 at {where} denied {doing} ({detail}); "
             f"the credentials need read, write and list permission on it")
-    raise S3AccessError(f"S3 at {target.endpoint} refused the request for bucket "
-                        f"{target.bucket!r} ({detail}); check the endpoint and bucket settings")
+    return S3AccessError(f"S3 at {where} refused {doing} ({detail}); "
+                         f"check the endpoint and bucket settings")
 
 
-async def check_bucket(target: S3Target, timeout: float = 5.0) -> str:
-    return await asyncio.to_thread(check_bucket_sync, target, timeout)
+# obstore raises its own BaseError subclasses, and the builtin FileNotFoundError for a 404.
+_OBSTORE_ERRORS = (BaseError, FileNotFoundError)
+
+
+class Bucket:
+    """Object operations on one bucket. Every failure is an FsmError: S3Unavailable (worth
+    retrying), S3AccessError (not), S3PreconditionFailed, S3ObjectMissing."""
+
+    def __init__(self, target: S3Target, timeout: float = REQUEST_TIMEOUT) -> None:
+        self.target = target
+        self.store = _store(target, timeout)
+
+    async def get(self, key: str) -> Stored | None:
+        """The object, or None when there is no such key."""
+        try:
+            result = await obstore.get_async(self.store, key)
+            body = bytes(await result.bytes_async())
+        except _OBSTORE_ERRORS as exc:
+            error = _error(self.target, exc, f"reading {key}")
+            if isinstance(error, S3ObjectMissing):
+                return None
+            raise error from None
+        return Stored(body, result.meta["e_tag"] or "")
+
+    async def put(self, key: str, data: bytes, *, create: bool = False,
+                  if_match: str | None = None) -> str:
+        """Write `data`; `create`: only if the key does not exist (If-None-Match: *);
+        `if_match`: only if its ETag is still this one. Returns the new ETag."""
+        mode: Any = "create" if create else ({"e_tag": if_match} if if_match else "overwrite")
+        try:
+            result = await obstore.put_async(self.store, key, data, mode=mode)
+        except _OBSTORE_ERRORS as exc:
+            raise _error(self.target, exc, f"writing {key}") from None
+        return result["e_tag"] or ""
+
+    async def delete(self, key: str) -> None:
+        try:
+            await obstore.delete_async(self.store, key)
+        except _OBSTORE_ERRORS as exc:
+            error = _error(self.target, exc, f"deleting {key}")
+            if not isinstance(error, S3ObjectMissing):
+                raise error from None
+
+    async def list_keys(self, prefix: str = "") -> list[str]:
+        try:
+            chunks = obstore.list(self.store, prefix or None, chunk_size=1000)
+            return [meta["path"] async for chunk in chunks for meta in chunk]
+        except _OBSTORE_ERRORS as exc:
+            raise _error(self.target, exc, f"listing bucket {self.target.bucket!r}") from None
+
+
+def _with_region(target: S3Target, exc: BaseException) -> S3Target | None:
+    """The target in the bucket's own region, when S3 says we signed for another one."""
+    failure = _Failure.of(exc)
+    if failure.status not in (301, 400):
+        return None
+    found = _REGION.search(str(exc))
+    region = found.group(1) if found else None
+    if not region or region == target.region:
+        return None
+    return S3Target(target.endpoint, target.bucket, target.access_key, target.secret_key, region)
+
+
+def check_bucket_sync(target: S3Target, timeout: float = REQUEST_TIMEOUT) -> str:
+    """List the bucket's top level once, as juicefs and litestream will. Returns the region the
+    bucket answered in. Raises S3Unavailable (worth retrying) or S3AccessError (not)."""
+    for _ in range(2):
+        try:
+            obstore.list_with_delimiter(_store(target, timeout), None)
+            return target.region
+        except _OBSTORE_ERRORS as exc:
+            elsewhere = _with_region(target, exc)
+            if elsewhere is None:
+                raise _list_error(target, exc) from None
+            target = elsewhere
+    raise S3AccessError(f"S3 at {target.endpoint} keeps redirecting bucket {target.bucket!r} "
+                        f"between regions; check s3_endpoint_url")
+
+
+async def check_bucket(target: S3Target, timeout: float = REQUEST_TIMEOUT) -> str:
+    """check_bucket_sync, without blocking the event loop."""
+    for _ in range(2):
+        try:
+            await obstore.list_with_delimiter_async(_store(target, timeout), None)
+            return target.region
+        except _OBSTORE_ERRORS as exc:
+            elsewhere = _with_region(target, exc)
+            if elsewhere is None:
+                raise _list_error(target, exc) from None
+            target = elsewhere
+    raise S3AccessError(f"S3 at {target.endpoint} keeps redirecting bucket {target.bucket!r} "
+                        f"between regions; check s3_endpoint_url")
+
+
+def _list_error(target: S3Target, exc: BaseException) -> FsmError:
+    error = _error(target, exc, f"listing bucket {target.bucket!r}")
+    if isinstance(error, S3ObjectMissing):  # a 404 to a listing has no other meaning
+        return S3AccessError(f"bucket {target.bucket!r} does not exist at {target.endpoint} "
+                             f"(HTTP 404); create it, or fix s3_bucket / s3_endpoint_url")
+    return error
 
 
 def create_bucket_sync(target: S3Target, timeout: float = 10.0) -> None:
-    """PUT the bucket (tests and set-up tools; the controller never creates buckets)."""
-    answer = request(target, "PUT", timeout=timeout)
-    if answer.status not in (200, 409):
-        _raise_for(target, answer)
+    """Create the bucket if it is missing (tests and set-up tools; the controller never
+    creates buckets). Needs boto3 (the `dev` extra): obstore has no bucket operations."""
+    try:
+        import boto3
+        from botocore.config import Config as BotoConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        raise ConfigError("create_bucket_sync needs boto3: pip install 'juicefs-fsm[dev]' "
+                          "or pip install boto3") from None
+    client = boto3.client(
+        "s3", endpoint_url=target.endpoint, aws_access_key_id=target.access_key,
+        aws_secret_access_key=target.secret_key, region_name=target.region,
+        config=BotoConfig(s3={"addressing_style": "path"}, connect_timeout=CONNECT_TIMEOUT,
+                          read_timeout=timeout, retries={"max_attempts": 1}))
+    try:
+        client.create_bucket(Bucket=target.bucket)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+            return
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = str(exc.response.get("Error", {}).get("Message", ""))
+        raise _judge(target, _Failure(status, code, message, ""),
+                     f"creating bucket {target.bucket!r}", exc) from None
+    except BotoCoreError as exc:
+        raise S3Unavailable(_scrub(f"S3 endpoint {target.endpoint} is unreachable: {exc}",
+                                   target)) from None
 
 
 def list_keys_sync(target: S3Target, prefix: str = "", timeout: float = 10.0) -> list[str]:
-    """Keys under `prefix` (first page only: enough for tests and diagnostics)."""
-    answer = request(target, "GET", query={"list-type": "2", "prefix": prefix},
-                     timeout=timeout)
-    _raise_for(target, answer)
-    with contextlib.suppress(UnicodeDecodeError):
-        return re.findall(r"<Key>([^<]+)</Key>", answer.body.decode())
-    return []
+    """Every key under `prefix` (tests and diagnostics)."""
+    try:
+        return [meta["path"] for chunk in obstore.list(_store(target, timeout), prefix or None,
+                                                        chunk_size=1000) for meta in chunk]
+    except _OBSTORE_ERRORS as exc:
+        raise _list_error(target, exc) from None
+
+
+def _as_target(where: Config | S3Target) -> S3Target:
+    return where if isinstance(where, S3Target) else target_of(where)
+
+
+async def get_text(where: Config | S3Target, key: str) -> str | None:
+    """The text of an object of ours (UTF-8), or None when there is no such key."""
+    found = await Bucket(_as_target(where), timeout=10.0).get(key)
+    return found.body.decode() if found is not None else None
+
+
+async def put_text(where: Config | S3Target, key: str, text: str) -> None:
+    """Write an object of ours (unconditionally; the lease has its own conditional writes)."""
+    await Bucket(_as_target(where), timeout=10.0).put(key, text.encode())
 
 
 # ---- S3 mode at start: whose metadata is this? ------------------------------------------------

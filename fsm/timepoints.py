@@ -1,4 +1,4 @@
-"""Points in time for time travel (fsm.timetravel): the retention policy a history window needs,
+"""Points in time for time travel (fsm.history): the retention policy a history window needs,
 parsing the times users type, and the window Litestream can actually restore.
 
 Pure functions of the configuration and of `litestream ltx` output: no processes, no I/O, so the
@@ -22,7 +22,7 @@ SNAPSHOT_LEVEL = 9
 
 _UNIT = r"(s|secs?|seconds?|m|mins?|minutes?|h|hours?|d|days?)"
 # -90s, -5m ... or "90s ago", "5 minutes ago" (a leading '-' reads as a flag on command lines).
-_RELATIVE = re.compile(rf"^(?:-\s*(\d+(?:\.\d+)?)\s*{_UNIT}|(\d+(?:\.\d+)?)\s*{_UNIT}\s+ago)$")
+_RELATIVE = re.compile(rf"-\s*(\d+(?:\.\d+)?)\s*{_UNIT}|(\d+(?:\.\d+)?)\s*{_UNIT}\s+ago")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -67,13 +67,32 @@ def utc_now() -> datetime:
 def parse_time(value: str | float | datetime, now: datetime | None = None) -> datetime:
     """A point in time as users write it: ISO 8601 (`2026-01-02T03:04:05Z`, an offset, or no
     zone = this machine's local time), Unix seconds (`1767323045`), or relative to now
-    (`-90s`, `-5m`, `-2h`, `-1d`, `5m ago`, `2 hours ago`). Always returned in UTC."""
+    (`-90s`, `-5m`, `-2h`, `-1d`, `5m ago`, `2 hours ago`). Always returned in UTC.
+    OutsideWindow (a ValueError) for anything else, including times no datetime can hold."""
+    try:
+        return _read_time(value, now)
+    except OutsideWindow:
+        raise
+    except (OverflowError, OSError, ValueError):
+        # fromtimestamp/timedelta of a huge, infinite or NaN number; a far year at an offset
+        raise OutsideWindow(
+            f"the time {_shown(value)} is out of range: use a time between the years 1970 "
+            f"and 9999, such as 2026-01-02T03:04:05Z, Unix seconds, or -5m") from None
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_time(value: str | float | datetime, now: datetime | None) -> datetime:
     if isinstance(value, datetime):
         return _aware(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return datetime.fromtimestamp(float(value), tz=timezone.utc)
     text = str(value).strip()
-    relative = _RELATIVE.match(text.lower())
+    # fullmatch everywhere: `$` would also match before a final newline
+    relative = _RELATIVE.fullmatch(text.lower())
     if relative:
         amount, unit = relative.group(1, 2) if relative.group(1) else relative.group(3, 4)
         seconds = float(amount) * _UNITS[unit[0]]
@@ -82,11 +101,11 @@ def parse_time(value: str | float | datetime, now: datetime | None = None) -> da
         return datetime.fromtimestamp(float(text), tz=timezone.utc)
     try:
         # Python 3.10's fromisoformat does not know the Z suffix.
-        parsed = datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", text))
+        parsed = datetime.fromisoformat(re.sub(r"[zZ]\Z", "+00:00", text))
     except ValueError:
         raise OutsideWindow(
-            f"cannot read the time {text!r}: use ISO 8601 (2026-01-02T03:04:05Z), Unix seconds, "
-            f"or a time relative to now such as -90s, -5m, '2h ago'") from None
+            f"cannot read the time {_shown(text)}: use ISO 8601 (2026-01-02T03:04:05Z), Unix "
+            f"seconds, or a time relative to now such as -90s, -5m, '2h ago'") from None
     return _aware(parsed)
 
 
@@ -110,7 +129,7 @@ def stamp(moment: datetime) -> str:
 
 
 def _ltx_time(text: str) -> datetime:
-    return _aware(datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", text)))
+    return _aware(datetime.fromisoformat(re.sub(r"[zZ]\Z", "+00:00", text)))
 
 
 # ---- the window -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from fsm import Config, JuiceFS
 from tests.helpers import assert_nothing_left, require_fuse
 
-pytest_plugins = ["tests.s3_server"]  # s3_server, s3_bucket, s3_config fixtures
+pytest_plugins = ["tests.s3_server", "tests.db_servers"]  # s3_*, postgres_server, redis_server
 
 
 @pytest.fixture

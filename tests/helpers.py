@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 
 from fsm import Config, JuiceFS
 from fsm.juicefs import juicefs_mount_points, mount_fstype
@@ -37,6 +41,18 @@ def pid_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
+    """Poll `condition()` (blocking) until it holds; fail naming `what` after `timeout` s.
+    Returns the seconds it took. For process and mount state after a signal: the kernel
+    finishes a kill, a reparenting or an unmount a moment after the call returns."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.01)
+    return time.monotonic() - started
 
 
 def mount_pids(mount_point: Path) -> list[int]:
@@ -72,3 +88,47 @@ async def running(cfg: Config) -> AsyncIterator[JuiceFS]:
         await jfs.stop()
     assert_nothing_left(Path(cfg.base_dir), pids)
     assert mounts_under(Path(cfg.base_dir)) == []
+
+
+@contextlib.contextmanager
+def capture_events(level: int = logging.DEBUG) -> Iterator[list[dict[str, Any]]]:
+    """Every event of the library (the stdlib logger `fsm`, `level` and up) and of structlog
+    loggers a test makes itself, in order, as event dicts with `log_level` (and `level`)."""
+    events: list[dict[str, Any]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fields = dict(record.msg) if isinstance(record.msg, dict) else {
+                "event": record.getMessage()}
+            name = record.levelname.lower()
+            events.append({**fields, "log_level": name, "level": name})
+
+    def keep(_logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        events.append({**event, "log_level": method, "level": method})
+        raise structlog.DropEvent
+
+    library = logging.getLogger("fsm")
+    handler, saved_level, saved_structlog = Keep(level), library.level, structlog.get_config()
+    library.addHandler(handler)
+    library.setLevel(level)
+    structlog.configure(processors=[keep], cache_logger_on_first_use=False,
+                        wrapper_class=structlog.make_filtering_bound_logger(level))
+    try:
+        yield events
+    finally:
+        structlog.configure(**saved_structlog)
+        library.removeHandler(handler)
+        library.setLevel(saved_level)
+
+
+@contextlib.contextmanager
+def logging_restored() -> Iterator[None]:
+    """Undo what `fsm.logs.configure` (run by `main(["run", ...])`) did to stdlib logging."""
+    loggers = [logging.getLogger(), logging.getLogger("fsm")]
+    saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]
+    try:
+        yield
+    finally:
+        for lg, level, handlers in saved:
+            lg.setLevel(level)
+            lg.handlers = handlers

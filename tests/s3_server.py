@@ -5,10 +5,13 @@ Fixtures (registered from conftest.py as a pytest plugin):
 - `s3_bucket`: a fresh, empty bucket on it for each test.
 - `s3_config`: a Config factory for an S3-mode volume on that bucket under tmp_path.
 `S3Server` itself can be started and stopped at will (the outage tests use their own).
+`FaultyLink` is a loopback TCP proxy in front of it that a test can break for one client
+(a network partition, or answers lost after the server applied the request).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -237,3 +240,91 @@ def s3_config(s3_server: S3Server, s3_bucket: str,
         return s3_server.config(base_dir or tmp_path / "vol", **overrides)
 
     return make
+
+
+class FaultyLink:
+    """A TCP proxy on 127.0.0.1 in front of the S3 server, for one client's view of the network.
+
+    - `partition()`: the port is closed and open connections are cut (connection refused);
+      `heal()` listens again on the same port.
+    - `lose_answers(n, method)`: the next n answers to `method` requests are swallowed and
+      their connection cut: the server applied the request, the client never hears back.
+    It runs on the test's event loop: use it from async tests only."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self.to_lose: dict[bytes, int] = {}
+        self.lost_answers = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+                                                  reuse_address=True)
+
+    async def partition(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def heal(self) -> None:
+        if self._server is None:
+            await self.start()
+
+    def lose_answers(self, count: int = 1, method: str = "PUT") -> None:
+        self.to_lose[method.encode()] = count
+
+    async def stop(self) -> None:
+        await self.partition()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader,
+                     client_w: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            client_w.close()
+            return
+        self._writers.update((client_w, up_w))
+        asked = [b""]  # the method of the request this connection carries now (one at a time)
+        tasks = [asyncio.create_task(self._pump(client_r, up_w, client_w, asked, answers=False)),
+                 asyncio.create_task(self._pump(up_r, client_w, up_w, asked, answers=True))]
+        self._tasks.update(tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.difference_update(tasks)
+        for writer in (client_w, up_w):
+            writer.close()
+            self._writers.discard(writer)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter,
+                    other: asyncio.StreamWriter, asked: list[bytes], *,
+                    answers: bool) -> None:
+        try:
+            while data := await source.read(65536):
+                if not answers and data[:8].split(b" ", 1)[0].isupper():
+                    asked[0] = data.split(b" ", 1)[0]
+                if answers and self.to_lose.get(asked[0], 0) > 0:
+                    # An answer is one small chunk here (lease-sized objects): drop it and cut
+                    # the connection, so the client sees the request fail after it was applied.
+                    self.to_lose[asked[0]] -= 1
+                    self.lost_answers += 1
+                    break
+                sink.write(data)
+                await sink.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            sink.close()
+            other.close()

@@ -10,11 +10,11 @@ import socket
 import stat
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from fsm import Config, ControlError, JuiceFS, NotReadyError
 from fsm.cli import build_parser, client_base_dir, main, run_config
@@ -22,16 +22,14 @@ from fsm.config import ConfigError
 from fsm.control import ControlServer, DaemonUnreachable, call
 from fsm.errors import CheckpointNotFound, InvalidCheckpointId
 from fsm.sdnotify import Notifier, parse, socket_address
+from tests.helpers import logging_restored
 
 
 @pytest.fixture(autouse=True)
 def _keep_logging_config() -> Iterator[None]:
-    """`main(["run", ...])` configures structlog for the process; undo it for other tests."""
-    saved = structlog.get_config()
-    try:
+    """`main(["run", ...])` configures logging for the process; undo it for other tests."""
+    with logging_restored():
         yield
-    finally:
-        structlog.configure(**saved)
 
 
 def _run_args(*argv: str) -> Any:
@@ -158,6 +156,28 @@ def test_a_client_without_a_base_dir_exits_2(monkeypatch: pytest.MonkeyPatch,
     _one_error_line(capsys.readouterr().err, "--base-dir", "FSM_BASE_DIR")
 
 
+@pytest.mark.parametrize(("argv", "ago"), [(["browse", "--at", "-0.5s"], 0.5),
+                                           (["rollback", "--at", "-5m"], 300.0),
+                                           (["browse", "--at=-90s"], 90.0)])
+def test_a_negative_duration_after_at_is_its_value_not_an_option(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str],
+        ago: float) -> None:
+    import fsm.control
+
+    asked: list[tuple[str, dict[str, Any]]] = []
+
+    def call(base_dir: Any, op: str, **request: Any) -> dict[str, Any]:
+        asked.append((op, request))
+        return {"asked": op}
+
+    monkeypatch.setattr(fsm.control, "call", call)
+    assert main([*argv, "--base-dir", "/srv/vol", "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out) == {"asked": argv[0]}
+    [(op, request)] = asked
+    took = (datetime.now(timezone.utc) - datetime.fromisoformat(request["at"])).total_seconds()
+    assert op == argv[0] and ago <= took < ago + 30
+
+
 def test_a_bad_checkpoint_id_is_refused_before_asking_the_daemon(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["checkpoint", "../escape", "--base-dir", str(tmp_path)]) == 1
@@ -245,13 +265,16 @@ async def test_a_live_daemon_socket_is_never_taken_over_but_a_stale_one_is(
 
 
 async def test_a_base_dir_too_deep_for_a_unix_socket_name_still_works(tmp_path: Path) -> None:
+    # Config refuses such a base_dir (litestream.sock would not fit), but a client may still
+    # reach a daemon's socket by a longer path (a symlink or bind mount to its base_dir).
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     assert len(str(deep / "fsm.sock")) > 108
-    jfs = JuiceFS(Config(base_dir=deep, local_mode=True, volume_name="test-volume"))
+    jfs = JuiceFS(Config(base_dir=tmp_path / "vol", local_mode=True, volume_name="test-volume"))
     server = ControlServer(jfs)
+    server.path = deep / "fsm.sock"
     await server.start()
     try:
-        assert (await _call(deep, "status"))["base_dir"] == str(deep)
+        assert (await _call(deep, "status"))["base_dir"] == str(tmp_path / "vol")
     finally:
         await server.close()
 

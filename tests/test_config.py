@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,7 +75,7 @@ def test_good_volume_names_are_accepted(tmp_path: Path, name: str) -> None:
                                          ("flush_timeout", -5), ("cache_size_mib", 0)])
 def test_nonsense_numbers_are_refused(tmp_path: Path, field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=field):
-        Config(base_dir=tmp_path, local_mode=True, **{field: value})
+        Config(base_dir=tmp_path, local_mode=True, **{field: value})  # type: ignore[arg-type]
 
 
 def test_a_missing_binary_names_the_package_to_install(tmp_path: Path,
@@ -136,3 +137,103 @@ def test_from_env_does_not_read_the_process_environment_when_given_a_mapping(
     finally:
         if os.environ.get("FSM_VOLUME_NAME") == "leaky-name":
             del os.environ["FSM_VOLUME_NAME"]
+
+
+# ---- issue 15: whole-string matching, finite numbers in sane ranges, socket-sized paths ----
+
+@pytest.mark.parametrize("name", ["abc\n", "test-volume\n"])
+def test_a_volume_name_with_a_newline_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match="volume_name"):
+        Config(base_dir=tmp_path, local_mode=True, volume_name=name)
+    with pytest.raises(ConfigError, match="volume_name"):
+        Config.from_env({"FSM_BASE_DIR": str(tmp_path), "FSM_LOCAL_MODE": "1",
+                         "FSM_VOLUME_NAME": name})
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("s3_endpoint_url", "http://127.0.0.1:9000\n"), ("s3_bucket", "b\n"), ("s3_bucket", "a b")])
+def test_s3_names_are_matched_whole(tmp_path: Path, field: str, value: str) -> None:
+    values: dict[str, Any] = {"s3_access_key": "k", "s3_secret_access_key": "s",
+                              "s3_endpoint_url": "http://127.0.0.1:9000", "s3_bucket": "b",
+                              field: value}
+    with pytest.raises(ConfigError, match=field):
+        Config(base_dir=tmp_path, **values)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("ready_timeout", NAN), ("ready_timeout", INF), ("ready_timeout", 3601),
+    ("flush_timeout", INF), ("flush_timeout", 86401), ("upload_delay", NAN),
+    ("upload_delay", INF), ("upload_delay", 86401), ("litestream_stop_timeout", NAN),
+    ("s3_retry_deadline", -INF), ("replication_restart_window", NAN),
+    ("history_hours", NAN), ("history_hours", INF),
+    ("buffer_size_mib", 99999999999999999), ("cache_size_mib", 1 << 31),
+    ("cache_size_mib", 1.5), ("replication_restarts", 1001), ("replication_restarts", 2.0),
+    ("history_size", 10**9), ("ready_timeout", True), ("ready_timeout", "30"),
+])
+def test_numbers_must_be_finite_and_in_a_sane_range(tmp_path: Path, field: str,
+                                                    value: object) -> None:
+    with pytest.raises(ConfigError, match=field) as info:
+        Config(base_dir=tmp_path, local_mode=True, **{field: value})  # type: ignore[arg-type]
+    assert "<=" in str(info.value), "the message names the range"
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("upload_delay", 0), ("upload_delay", 86400), ("ready_timeout", 3600),
+    ("flush_timeout", 86400), ("cache_size_mib", 1 << 30), ("buffer_size_mib", 1 << 20),
+    ("replication_restarts", 0), ("replication_restarts", 1000), ("history_size", 100_000)])
+def test_the_ends_of_each_range_are_accepted(tmp_path: Path, field: str, value: float) -> None:
+    cfg = Config(base_dir=tmp_path, local_mode=True, **{field: value})  # type: ignore[arg-type]
+    assert getattr(cfg, field) == value
+
+
+@pytest.mark.parametrize(("variable", "raw"), [
+    ("FSM_READY_TIMEOUT", "nan"), ("FSM_FLUSH_TIMEOUT", "inf"), ("FSM_UPLOAD_DELAY", "nan"),
+    ("FSM_UPLOAD_DELAY", "Infinity"), ("FSM_BUFFER_SIZE_MIB", "99999999999999999"),
+    ("FSM_CACHE_SIZE_MIB", "1_000"), ("FSM_CACHE_SIZE_MIB", "512\n"),
+    ("FSM_READY_TIMEOUT", " 30"), ("FSM_READY_TIMEOUT", "1e999"),
+])
+def test_numbers_from_the_environment_are_refused_naming_the_variable(
+        tmp_path: Path, variable: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=variable.lower().removeprefix("fsm_") + "|" + variable):
+        Config.from_env({"FSM_BASE_DIR": str(tmp_path), "FSM_LOCAL_MODE": "1", variable: raw})
+
+
+def test_numbers_from_the_environment_in_ordinary_spellings_are_read(tmp_path: Path) -> None:
+    cfg = Config.from_env({"FSM_BASE_DIR": str(tmp_path), "FSM_LOCAL_MODE": "1",
+                           "FSM_READY_TIMEOUT": "2.5", "FSM_FLUSH_TIMEOUT": "1e2",
+                           "FSM_UPLOAD_DELAY": ".5", "FSM_CACHE_SIZE_MIB": "+512"})
+    assert (cfg.ready_timeout, cfg.flush_timeout, cfg.upload_delay, cfg.cache_size_mib) == \
+        (2.5, 100.0, 0.5, 512)
+
+
+def test_a_nan_in_the_config_file_is_refused(tmp_path: Path) -> None:
+    from fsm.config import layered
+
+    file = tmp_path / "fsm.toml"
+    file.write_text(f'base_dir = "{tmp_path}"\nlocal_mode = true\nupload_delay = nan\n')
+    with pytest.raises(ConfigError, match="upload_delay must be a finite number"):
+        layered(file=file, environ={})
+
+
+def test_a_base_dir_too_long_for_a_unix_socket_is_refused_naming_the_limit(
+        tmp_path: Path) -> None:
+    from fsm.preflight import MAX_SOCKET_PATH
+
+    room = MAX_SOCKET_PATH - len("/litestream.sock")
+    fits = Path("/" + "b" * (room - 1))
+    assert len(str(fits / "litestream.sock")) == MAX_SOCKET_PATH
+    assert Config(base_dir=fits, local_mode=True).base_dir == fits
+    too_long = Path("/" + "b" * room)
+    with pytest.raises(ConfigError) as info:
+        Config(base_dir=too_long, local_mode=True)
+    assert f"is {room + 1} bytes long, the limit is {room}" in str(info.value)
+    assert "litestream.sock" in str(info.value) and "108" in str(info.value)
+    assert not too_long.exists()
+
+
+def test_a_base_dir_with_a_nul_byte_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="NUL"):
+        Config(base_dir=f"{tmp_path}/a\0b", local_mode=True)

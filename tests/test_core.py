@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import structlog
 
 from fsm import (
     CheckpointExists,
@@ -24,7 +23,7 @@ from fsm import (
     StartError,
 )
 from fsm.juicefs import mount_fstype
-from tests.helpers import assert_nothing_left, mount_pids
+from tests.helpers import assert_nothing_left, capture_events, mount_pids
 from tests.tree import make_rich_tree, snapshot
 
 pytestmark = pytest.mark.usefixtures("fuse")
@@ -75,7 +74,7 @@ async def test_the_whole_cycle_start_write_checkpoint_change_restore_stop(
     assert_nothing_left(jfs.layout.base_dir, pids)
     await jfs.stop()  # idempotent
     visited = [t.target for t in jfs.history]
-    assert visited == ["restoring_metadata", "formatting", "replicating", "mounting", "ready",
+    assert visited == ["acquiring_lease", "restoring_metadata", "formatting", "replicating", "mounting", "ready",
                        "checkpointing", "ready", "restoring_checkpoint", "ready", "stopping",
                        "stopped"]
 
@@ -269,7 +268,7 @@ async def test_stop_during_start_leaves_nothing_behind(local_config: ConfigFacto
 
 
 async def test_every_transition_is_one_structured_event(local_config: ConfigFactory) -> None:
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with JuiceFS(local_config()) as jfs:
             await jfs.checkpoint("logged")
     transitions = [e for e in logs if e["event"] == "transition"]

@@ -174,8 +174,8 @@ def test_daemon_notifies_serves_the_cli_and_stops_cleanly_on_sigterm(start_daemo
     daemon = start_daemon()
     ready = daemon.wait_notified("READY", "1")
     assert ready["STATUS"] == "ready" and ready["MAINPID"] == str(daemon.proc.pid)
-    assert daemon.statuses() == ["restoring_metadata", "formatting", "replicating", "mounting",
-                                 "ready"]
+    assert daemon.statuses() == ["acquiring_lease", "restoring_metadata", "formatting",
+                                 "replicating", "mounting", "ready"]
     sock = daemon.base_dir / "fsm.sock"
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
 
@@ -299,7 +299,7 @@ def test_a_start_failure_exits_3_and_leaves_nothing(start_daemon: Any, tmp_path:
     assert daemon.statuses()[-3:] == ["failed", "stopping", "stopped"]
     events = daemon.log_events()
     failure = next(e for e in events if e["event"] == "daemon_start_failed")
-    assert failure["stage"] == "restoring_metadata" and "data" in failure["error"]
+    assert failure["stage"] == "acquiring_lease" and "data" in failure["error"]
     assert not (base_dir / "fsm.sock").exists()
     assert mount_fstype(base_dir / "data") is None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,11 +27,12 @@ NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
 
 def _graphviz() -> None:
-    require(shutil.which("dot") is not None, "Graphviz `dot` (Debian: graphviz) draws SVG/PNG")
+    require(diagram.graphviz_program() is not None,
+            "Graphviz draws SVG/PNG: graphviz-pure (a dependency) or Debian's graphviz")
 
 
 def _status(state: str, count: int = 3, error: str | None = None) -> dict[str, Any]:
-    path = ["uninitialized", "restoring_metadata", "formatting", "replicating", "mounting",
+    path = ["uninitialized", "acquiring_lease", "restoring_metadata", "formatting", "replicating", "mounting",
             "ready", "checkpointing", "ready"] * 3
     transitions = []
     for i in range(count):

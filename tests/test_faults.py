@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from fsm import (
     Checkpoint,
@@ -37,12 +36,19 @@ from fsm import (
     StartError,
     Transition,
 )
-from fsm import controller as controller_module
+from fsm import shutdown as shutdown_module
+from fsm import startup as startup_module
 from fsm.errors import BaseDirInUse, NoSpace
 from fsm.juicefs import JuiceFSTool, mount_fstype, remove_handover_files
 from fsm.logs import get_logger
 from fsm.proc import Child, holders
-from tests.helpers import assert_nothing_left, mount_pids, pid_alive
+from tests.helpers import (
+    assert_nothing_left,
+    capture_events,
+    mount_pids,
+    pid_alive,
+    wait_until,
+)
 from tests.tree import snapshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("fuse", "nothing_survives")]
@@ -146,8 +152,7 @@ def _stale_mount(cfg: Config) -> None:
     mount.kill()
     mount.wait()
     os.kill(server, signal.SIGKILL)
-    while pid_alive(server):
-        time.sleep(0.01)
+    wait_until(lambda: not pid_alive(server), f"the killed FUSE server {server} gone")
     remove_handover_files(mount.pid)  # the killed supervisor's; juicefs leaves it in /tmp
 
 
@@ -169,7 +174,7 @@ def _replica_names(cfg: Config, tmp_path: Path) -> set[bytes]:
 async def test_a_killed_mount_fails_the_volume_within_2s_and_a_restart_has_every_closed_file(
         local_config: ConfigFactory, order: str) -> None:
     cfg = local_config()
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         jfs = JuiceFS(cfg)
         seen: list[tuple[float, Transition]] = []
         jfs.add_observer(lambda t: seen.append((time.monotonic(), t)))
@@ -204,7 +209,7 @@ async def test_a_killed_mount_fails_the_volume_within_2s_and_a_restart_has_every
 async def test_a_killed_litestream_is_restarted_with_backoff_and_replication_continues(
         local_config: ConfigFactory, tmp_path: Path) -> None:
     cfg = local_config()
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with JuiceFS(cfg) as jfs:
             transitions = len(jfs.history)
             (jfs.active_dir / "before.txt").write_text("replicated before the kill")
@@ -291,11 +296,15 @@ async def test_after_the_controller_is_killed_the_next_start_clears_its_orphans(
     assert (await asyncio.wait_for(crashed.stdout.readline(), 30)).strip() == b"ready"
     orphans = mount_pids(cfg.layout.mount_point) + [
         c["pid"] for c in json.loads(cfg.layout.state_file.read_text())["children"]]
-    crashed.kill()  # SIGKILL: its mount and its litestream are orphaned, still running
+    crashed.kill()  # SIGKILL: its mount and its litestream are orphaned
     await crashed.wait()
-    assert all(pid_alive(p) for p in orphans)
+    # They outlive it only until they next write to its pipes (SIGPIPE: here the juicefs
+    # supervisor within ~0.5 s, Litestream within ~1 s); the FUSE server keeps the mount up
+    # meanwhile. Which of them are left when the next start looks is timing, not something to
+    # wait for: that start must clear whatever is.
+    assert _mounts_at(cfg.layout.mount_point) == 1
 
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with JuiceFS(cfg) as jfs:
             assert _mounts_at(cfg.layout.mount_point) == 1, "double mount"
             assert not any(pid_alive(p) for p in orphans)
@@ -303,8 +312,10 @@ async def test_after_the_controller_is_killed_the_next_start_clears_its_orphans(
             assert (jfs.active_dir / "still-open.txt").read_text() == \
                 "written, never closed by its writer"
     events = [e["event"] for e in logs]
-    assert events.index("leftover_mount_found") < events.index("orphan_mount_unmounted") \
-        < events.index("orphan_found")
+    leftover = events.index("leftover_mount_found")
+    assert all(leftover < i for i, e in enumerate(events)
+               if e in ("orphan_mount_unmounted", "orphan_found")), events
+    assert {e["pid"] for e in logs if e["event"] == "orphan_found"} <= set(orphans)
     assert not cfg.layout.state_file.exists()
 
 
@@ -367,7 +378,7 @@ async def test_a_stale_mount_at_start_is_cleared_before_anything_else(
         for folder in ("litestream", "local", "cache"):
             shutil.rmtree(cfg.layout.base_dir / folder)
 
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with JuiceFS(cfg) as jfs:
             assert _mounts_at(cfg.layout.mount_point) == 1
             kept = jfs.active_dir / "kept.txt"
@@ -469,7 +480,7 @@ async def test_stop_waits_for_a_program_still_writing_in_the_volume_then_unmount
          "    for _ in range(15):\n        f.write(b'x' * 65536); f.flush(); time.sleep(0.1)"],
         cwd=jfs.active_dir)
     await _until(lambda: (jfs.active_dir / "late.bin").exists(), "writer started")
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         await jfs.stop()
     assert writer.wait(timeout=10) == 0
     busy = [e for e in logs if e["event"] == "unmount_busy"]
@@ -483,7 +494,7 @@ async def test_stop_waits_for_a_program_still_writing_in_the_volume_then_unmount
 
 async def test_a_program_that_never_leaves_the_volume_gets_a_force_unmount_after_a_bounded_wait(
         local_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(controller_module, "_BUSY_WAIT", 1.0)
+    monkeypatch.setattr(shutdown_module, "BUSY_WAIT", 1.0)
     cfg = local_config()
     jfs = JuiceFS(cfg)
     await jfs.start()
@@ -491,7 +502,7 @@ async def test_a_program_that_never_leaves_the_volume_gets_a_force_unmount_after
     shell = _spawn(["sleep", "120"], cwd=jfs.active_dir)  # a shell left cd'd in it
     try:
         started = time.monotonic()
-        with structlog.testing.capture_logs() as logs:
+        with capture_events() as logs:
             await jfs.stop()
         took = time.monotonic() - started
         assert jfs.state == "stopped"
@@ -741,7 +752,7 @@ async def test_a_nearly_full_cache_filesystem_gives_a_smaller_cache_not_a_hang(
     small_fs(cfg.layout.cache_dir, 256 << 10)
     data = os.urandom(6 << 20)
     started = time.monotonic()
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with JuiceFS(cfg) as jfs:
             argv = jfs.juicefs.mount_argv()
             assert int(argv[argv.index("--cache-size") + 1]) <= 13  # MiB: 80% of 16
@@ -764,7 +775,7 @@ async def test_a_full_base_dir_filesystem_fails_the_start_with_a_clear_error(
         await jfs.start()
     assert time.monotonic() - started < 10
     assert isinstance(info.value.cause, NoSpace)
-    assert info.value.stage == "restoring_metadata"
+    assert info.value.stage == "acquiring_lease"
     assert "MiB free" in str(info.value) and "free at least" in str(info.value)
     await jfs.stop()
     assert_nothing_left(cfg.layout.base_dir, [])
@@ -808,12 +819,12 @@ async def test_a_binary_removed_after_configuration_fails_the_start_naming_it(
 async def test_no_fuse_device_fails_the_start_naming_it_and_how_to_get_it(
         local_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Fault injection: a real /dev/fuse cannot be taken away from the machine the suite runs on.
-    monkeypatch.setattr(controller_module, "FUSE_DEVICE", str(tmp_path / "no" / "fuse"))
+    monkeypatch.setattr(startup_module, "FUSE_DEVICE", str(tmp_path / "no" / "fuse"))
     cfg = local_config()
     jfs = JuiceFS(cfg)
     with pytest.raises(StartError) as info:
         await jfs.start()
-    assert info.value.stage == "restoring_metadata"
+    assert info.value.stage == "acquiring_lease"
     assert isinstance(info.value.cause, MissingPrerequisite)
     message = str(info.value)
     assert f"{tmp_path}/no/fuse does not exist" in message
@@ -824,7 +835,7 @@ async def test_no_fuse_device_fails_the_start_naming_it_and_how_to_get_it(
 
 def test_the_daemon_without_fuse_exits_2_naming_it(tmp_path: Path) -> None:
     # Fault injection as above, in a real daemon process.
-    script = ("import sys\nimport fsm.controller as c\n"
+    script = ("import sys\nimport fsm.startup as c\n"
               f"c.FUSE_DEVICE = {str(tmp_path / 'no-fuse')!r}\n"
               "from fsm.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     done = subprocess.run([sys.executable, "-c", script, "run", "--local", "--base-dir",

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,12 @@ import pytest
 import structlog
 
 from fsm import Config, JuiceFS, StartError
-from fsm import controller as controller_module
+from fsm import shutdown as shutdown_module
 from fsm.errors import S3AccessError, S3Unavailable, ToolError
 from fsm.juicefs import read_format
 from fsm.litestream import LitestreamTool
 from fsm.retry import classify_tool_error, with_s3_retries
-from tests.helpers import assert_nothing_left, pid_alive, running
+from tests.helpers import assert_nothing_left, capture_events, pid_alive, running
 from tests.s3_server import S3Server, free_port, require_weed
 from tests.tree import make_rich_tree, snapshot
 
@@ -37,20 +36,9 @@ MB = 1_000_000
 
 @contextlib.contextmanager
 def captured_logs() -> Iterator[list[dict[str, Any]]]:
-    """Every structlog event (debug included) of controllers created inside the block."""
-    saved = structlog.get_config()
-    events: list[dict[str, Any]] = []
-
-    def keep(_logger: Any, level: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
-        events.append({**event, "level": level})
-        raise structlog.DropEvent
-
-    structlog.configure(processors=[keep], cache_logger_on_first_use=False,
-                        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
+    """Every event (debug included) of controllers created inside the block."""
+    with capture_events() as events:
         yield events
-    finally:
-        structlog.configure(**saved)
 
 
 def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -155,7 +143,7 @@ async def test_machine_loss_round_trip_brings_back_tree_and_checkpoints(
 async def test_a_shell_left_in_the_volume_does_not_keep_stop_from_uploading_everything(
         fuse: None, s3_config: Callable[..., Config], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(controller_module, "_BUSY_WAIT", 1.0)
+    monkeypatch.setattr(shutdown_module, "BUSY_WAIT", 1.0)
     cfg = s3_config(tmp_path / "machine-a")  # upload delay 60 s: the blocks are only staged
     with captured_logs() as events:
         jfs = JuiceFS(cfg)
@@ -263,7 +251,8 @@ async def test_start_waits_for_s3_that_comes_back_within_the_deadline(
             jfs = JuiceFS(cfg)
             start = asyncio.create_task(jfs.start())
             await asyncio.sleep(2.0)
-            assert not start.done() and jfs.state == "restoring_metadata"
+            # The first S3 call of a start is the lease's (fsm.claim).
+            assert not start.done() and jfs.state == "acquiring_lease"
             await asyncio.to_thread(server.start)
             try:
                 await asyncio.wait_for(start, 60)
@@ -289,7 +278,7 @@ async def test_start_fails_clearly_when_s3_stays_down_past_the_deadline(
         await jfs.start()
     elapsed = time.monotonic() - started
     assert 1.9 < elapsed < 8.0  # retried up to the deadline, not beyond
-    assert failure.value.stage == "restoring_metadata"
+    assert failure.value.stage == "acquiring_lease"
     assert isinstance(failure.value.cause, S3Unavailable)
     message = str(failure.value)
     assert "unreachable" in message and "s3_retry_deadline=2s" in message

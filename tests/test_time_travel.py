@@ -1,4 +1,4 @@
-"""Time travel end to end (fsm.timetravel): the history window, browsing a past second read-only
+"""Time travel end to end (fsm.history, fsm.rollback): the history window, browsing a past second read-only
 beside the live volume, rolling the whole volume back, and the refusals that keep two metadata
 copies of one bucket from corrupting it. Real juicefs, litestream, FUSE mounts, and SeaweedFS for
 S3 mode. The unit tests at the end (times, the window, the tree diff) need none of these."""
@@ -43,7 +43,7 @@ from fsm.timepoints import (
     stamp,
     trash_days_needed,
 )
-from fsm.timetravel import apply_tree_diff
+from fsm.treediff import apply_tree_diff
 from tests.helpers import mount_pids, mounts_under, require_fuse, running
 from tests.tree import make_rich_tree, snapshot
 
@@ -185,7 +185,11 @@ async def test_rollback_brings_the_whole_volume_back_and_keeps_what_it_replaced(
         ids = {c.id for c in await jfs.list_checkpoints()}
         assert ids == {"made-before-t1", kept.id}
         assert done.gc["ok"], done.gc
-        assert [t.target for t in jfs.history][-2:] == ["rolling_back", "ready"]
+        # Every step is a state of the chart, in order (an operator sees where it is).
+        steps = ["preparing_rollback", "stopping_live_volume", "swapping_metadata",
+                 "replicating_new_path", "remounting", "carrying_over", "committing",
+                 "collecting_garbage", "ready"]
+        assert [t.target for t in jfs.history][-len(steps):] == steps
 
         # The history now starts at the rollback, on a new replica path.
         window = await jfs.list_restore_points()
@@ -447,7 +451,8 @@ async def test_browse_and_rollback_in_s3_mode_and_a_new_machine_follows_the_roll
         done = await jfs.rollback(t1)
         assert snapshot(active) == at_t1
         assert snapshot(done.checkpoint.tree) == replaced
-        assert done.replica.startswith("juicefs-metadata/rollback-")
+        # The new history lives under the volume's own prefix (one bucket, many volumes).
+        assert done.replica.startswith(f"{cfg.volume_name}/metadata/rollback-")
         (active / "after-rollback.txt").write_text("on the new history\n")
         after = snapshot(active)
     machine_b = s3_config(tmp_path / "machine-b", history_hours=24, upload_delay=0)

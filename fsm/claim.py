@@ -1,0 +1,181 @@
+"""Taking the volume (chart state `acquiring_lease`): this base_dir's lock on every start, and in
+S3 mode with SQLite metadata the bucket's single-writer lease (fsm.lease), then what the lease
+says about the local files.
+
+- "own" (this machine and base_dir held it last) or "fresh" (no lease yet): the local
+  metadata.db and staged blocks are the newest truth and are used.
+- another holder before us ("clean" hand-over or "takeover" after an unclean loss): the local
+  metadata.db and `cache/*/rawstaging` are superseded. They are set aside under
+  `set-aside/`, never uploaded: their slice ids may already belong to someone else.
+- "takeover": the previous holder did not release the lease. The next step (`taking_over`,
+  fsm.takeover) restores the replica to the holder's last watermark, the newest point whose
+  blocks are all in the bucket.
+
+While held, the lease is refreshed with the current watermark; a lost lease sends `lease_lost`
+and the chart fences the volume (fsm.controller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from . import s3
+from .children import Send
+from .config import Config
+from .errors import LeaseLost
+from .lease import Acquired, Lease
+from .litestream import write_private
+from .retry import with_s3
+from .timepoints import iso
+
+TAKEOVER_JOURNAL = "takeover.json"
+# Staged blocks are named when written; one second of slack for the file times' resolution.
+_WATERMARK_SLACK = timedelta(seconds=1)
+
+
+class Claim:
+    def __init__(self, config: Config, send: Send, log: Any,
+                 lease_factory: Callable[[Config, Any], Lease] = Lease.for_config) -> None:
+        self.config = config
+        self.layout = config.layout
+        self.send = send
+        self.log = log
+        self._factory = lease_factory
+        self.lease: Lease | None = None
+        self.acquired: Acquired | None = None
+        # Set when the start must restore the replica to a watermark (fsm.takeover).
+        self.takeover: dict[str, Any] | None = None
+        self._hold: asyncio.Task[None] | None = None
+
+    @property
+    def uses_lease(self) -> bool:
+        """S3 mode with SQLite metadata: one writer at a time. A local replica has its
+        base_dir lock; a shared engine (meta_url) has many writers by design."""
+        return not self.config.local_mode and not self.config.meta_url
+
+    # ---- acquiring_lease -------------------------------------------------------------------
+
+    async def acquire(self) -> None:
+        if not self.uses_lease:
+            return
+        lease = self._factory(self.config, self.log)
+        acquired = await with_s3(self.config, self.log, "lease",
+                                 lambda: lease.acquire(wait=True))
+        self.lease, self.acquired = lease, acquired
+        journal = self._read_journal()
+        superseded = acquired.previous is not None and not acquired.same_disk
+        if superseded or journal is not None:
+            await asyncio.to_thread(self._set_aside_local)
+        if journal is not None:
+            # A takeover here was interrupted: finish it from where it restores.
+            self.takeover = journal
+        elif acquired.takeover and superseded:
+            previous = acquired.previous or {}
+            extra = previous.get("extra") or {}
+            self.takeover = {"watermark": extra.get("watermark") or previous.get("since"),
+                             "holder": {k: previous.get(k) for k in
+                                        ("host", "pid", "base_dir", "since")},
+                             "source_subpath": None}
+        await lease.refresh(extra=self.extra())  # the first watermark, at once
+        self._hold = asyncio.create_task(lease.hold(self._lost, extra=self.extra))
+
+    async def _lost(self, reason: str) -> None:
+        await self.send("lease_lost", error=LeaseLost(
+            f"this machine lost the lease on volume {self.config.volume_name!r} ({reason}); "
+            f"fenced: the mount and litestream were stopped so that nothing more is written"))
+
+    def _set_aside_local(self) -> None:
+        """The local metadata and staged blocks are not the volume's newest state: another
+        machine held it since. Kept for salvage under set-aside/, never used or uploaded."""
+        files = s3.metadata_files(self.layout)
+        staged = [p for p in self.layout.cache_dir.glob("*/rawstaging") if p.is_dir()]
+        if not files and not staged:
+            return
+        folder = s3.set_aside(self.layout)
+        for path in staged:
+            shutil.move(str(path), str(folder / f"rawstaging-{path.parent.name}"))
+        self.log.warning("superseded_set_aside", moved_to=str(folder),
+                         files=[p.name for p in files], rawstaging=[str(p) for p in staged],
+                         reason="another machine held the volume since this one")
+
+    # ---- the watermark ---------------------------------------------------------------------
+
+    def extra(self) -> dict[str, Any]:
+        return {"watermark": iso(watermark(self.layout.cache_dir))}
+
+    # ---- the takeover journal (fsm.takeover writes it) -------------------------------------
+
+    @property
+    def journal_path(self) -> Path:
+        return self.layout.base_dir / TAKEOVER_JOURNAL
+
+    def write_journal(self, value: dict[str, Any]) -> None:
+        write_private(self.journal_path, json.dumps(value))
+
+    def _read_journal(self) -> dict[str, Any] | None:
+        try:
+            value = json.loads(self.journal_path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            self.log.warning("takeover_journal_unreadable", path=str(self.journal_path))
+            return None
+        return value if isinstance(value, dict) else None
+
+    def takeover_done(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.journal_path.unlink()
+
+    # ---- stop ------------------------------------------------------------------------------
+
+    async def release(self, clean: bool) -> None:
+        """A clean release (everything flushed and replicated) lets the next machine start at
+        once; otherwise the lease is left to run out (the next machine waits, then takes the
+        volume over to the last watermark)."""
+        lease = self.lease
+        if lease is None:
+            return
+        try:
+            await lease.release(clean, extra=self.extra() if clean else None)
+        finally:
+            await self._stop_holding()
+
+    async def _stop_holding(self) -> None:
+        if self._hold is not None and self._hold is not asyncio.current_task():
+            self._hold.cancel()
+            await asyncio.gather(self._hold, return_exceptions=True)
+        self._hold = None
+
+    def status(self) -> dict[str, Any] | None:
+        if self.lease is None:
+            return None
+        acquired = self.acquired
+        return {**self.lease.status(),
+                "how": acquired.how if acquired else None,
+                "waited_s": acquired.waited_s if acquired else None}
+
+
+def watermark(cache_dir: Path) -> datetime:
+    """The newest time up to which every block the metadata references is in the bucket:
+    a block is staged before the transaction that references it commits, so every transaction
+    older than the oldest block still staged references uploaded blocks only. Now, when nothing
+    is staged. The holder's own clock, the clock litestream stamps the replica with."""
+    now = datetime.now(timezone.utc)
+    oldest: float | None = None
+    for staging in cache_dir.glob("*/rawstaging"):
+        for root, _dirs, files in os.walk(staging):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):  # uploaded meanwhile
+                    mtime = os.stat(os.path.join(root, name)).st_mtime
+                    oldest = mtime if oldest is None else min(oldest, mtime)
+    if oldest is None:
+        return now
+    return min(now, datetime.fromtimestamp(oldest, timezone.utc) - _WATERMARK_SLACK)

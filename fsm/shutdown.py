@@ -1,0 +1,302 @@
+"""The stop sequence (chart states `stopping`, `failed`, and a rollback's stop of the live
+volume): close browse mounts, upload writeback data, unmount flushing, replicate the last
+transactions, stop litestream. Each step is bounded, and `hurry()` (a second SIGTERM) cuts the
+waits short. Returns what it could not do; it never raises for a child that will not go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from . import s3
+from .children import Children, best_effort
+from .config import Config
+from .errors import FsmError, S3Unavailable, ToolError
+from .juicefs import JuiceFSTool, remove_handover_files
+from .litestream import LitestreamTool
+from .logs import ms_since
+from .proc import Child, holders, named
+
+MOUNT_EXIT_GRACE = 10.0
+# A busy mount point gets this long to be left before the force unmount (DESIGN: a bounded
+# wait before force/lazy).
+BUSY_WAIT = 5.0
+BUSY_RETRY = 0.25
+# After hurry(): how long a child gets between SIGTERM and SIGKILL.
+HURRIED_GRACE = 2.0
+# A stop during an S3 outage: how long the bucket check, the plain unmount and litestream get.
+OFFLINE_CHECK = 3.0
+OFFLINE_UNMOUNT = 30.0
+OFFLINE_GRACE = 2.0
+
+
+class Browses(Protocol):
+    """The browse mounts a stop closes first (fsm.history.TimeTravel)."""
+
+    async def close_all(self) -> list[str]: ...
+
+
+class Shutdown:
+    def __init__(self, config: Config, juicefs: JuiceFSTool, litestream: LitestreamTool,
+                 children: Children, browses: Browses, report: Callable[[str], None],
+                 log: Any) -> None:
+        self.config = config
+        self.layout = config.layout
+        self.juicefs = juicefs
+        self.litestream = litestream
+        self.children = children
+        self.browses = browses
+        self.report = report
+        self.log = log
+        self.hurried = asyncio.Event()
+        self.offline = False
+        self.flush_incomplete = False
+        self.still_mounted = False
+        self.left_behind = False  # something of ours still mounted or running after teardown
+
+    async def teardown(self) -> list[str]:
+        """Unmount (flushing writeback data), then stop litestream (its final sync). Returns
+        what it could not do: something left mounted or running, or data that may not be in
+        the bucket (the mount killed, the flush unfinished, S3 unreachable)."""
+        await self.children.unwind_actions()
+        await self.children.cancel_watchers()
+        self.left_behind = True  # until shown otherwise below
+        problems = await self.browses.close_all()  # browse mounts: owned children too
+        self.offline = await self._s3_unreachable()
+        problems += await self._unmount()
+        replicator = self.children.replicator
+        if replicator is not None:
+            if self.offline:
+                problems.append("the last metadata transactions stayed in "
+                                f"{self.layout.metadata_db} (S3 unreachable); the next start "
+                                f"here replicates them")
+                # litestream's own final sync on SIGTERM cannot reach S3 either.
+                rc = await self.stop_child(replicator, OFFLINE_GRACE)
+            else:
+                problems += await self._final_sync(replicator)
+                rc = await self.stop_child(replicator, self.config.litestream_stop_timeout)
+            self.log.info("litestream_stopped", pid=replicator.pid, rc=rc)
+        self.left_behind = self.still_mounted or any(self.children.pids.values()) or \
+            self.children.retired_running()
+        return problems
+
+    async def _s3_unreachable(self) -> bool:
+        """A stop during an S3 outage must not sit out timeouts that cannot succeed (the
+        flush's, litestream's sync): one quick bucket check decides (fsm.s3)."""
+        if self.config.local_mode or self.children.mount is None:
+            return False
+        try:
+            await s3.check_bucket(s3.target_of(self.config), timeout=OFFLINE_CHECK)
+        except S3Unavailable as exc:
+            self.log.warning("stop_s3_unreachable", error=str(exc),
+                             effect="staged blocks and the last metadata stay on this machine")
+            self.report("S3 is unreachable: stopping without uploading; what was written "
+                        "stays on this machine")
+            return True
+        except FsmError as exc:  # refused (credentials changed?): the flush tries and says
+            self.log.warning("stop_s3_check_failed", error=str(exc))
+        return False
+
+    # ---- the mount ----------------------------------------------------------------------
+
+    async def _unmount(self) -> list[str]:
+        mp = self.layout.mount_point
+        mount = self.children.mount
+        if mount is None:
+            self.still_mounted = False
+            return []  # never mounted: whatever is at data/ is not ours (fsm.leftovers)
+        await self.juicefs.unstick(mount)  # else the stat below could hang forever
+        problems: list[str] = []
+        unmounted = self.juicefs.is_mounted()
+        if unmounted:
+            problems += await (self._offline_unmount() if self.offline
+                               else self._graceful_unmount())
+        mount = self.children.mount  # the flush remount may have replaced it
+        # pid is None when stop came before the mount process was spawned.
+        if mount is not None and mount.pid is not None:
+            # A mount still coming up (stop during `mounting`) was not unmounted, so it will
+            # not exit by itself: SIGTERM it at once instead of waiting out the grace.
+            grace = MOUNT_EXIT_GRACE if unmounted else 0.0
+            await self.unless_hurried(mount.exits_within(grace))
+            if mount.running:
+                rc = await self.stop_child(mount, MOUNT_EXIT_GRACE)
+                if unmounted and rc == -signal.SIGKILL:
+                    problems.append(
+                        f"the juicefs mount (pid {mount.pid}) did not exit after the unmount "
+                        f"and was killed: what it had not yet written to "
+                        f"{self.layout.cache_dir}/*/rawstaging may be lost (is the cache "
+                        f"disk full?)")
+        for retired in self.children.retired_mounts:
+            await self.stop_child(retired, MOUNT_EXIT_GRACE)  # normally exited already
+        for supervisor in [*self.children.retired_mounts, *([mount] if mount else [])]:
+            remove_handover_files(supervisor.pid)
+        if self.juicefs.is_mounted() or self.juicefs.is_stale():
+            await best_effort(self.juicefs.lazy_unmount(), self.log, "lazy_unmount")
+        self.still_mounted = self.juicefs.is_mounted() or self.juicefs.is_stale()
+        if self.still_mounted:
+            return [*problems, f"{mp} is still mounted; run `umount -l {mp}`"]
+        return problems
+
+    async def _graceful_unmount(self) -> list[str]:
+        started = time.monotonic()
+        await self.unless_hurried(self._flush_writeback())
+        try:
+            if await self.unless_hurried(self._umount_flush()):
+                self.log.info("unmounted", flush=True, duration_ms=ms_since(started))
+                return []
+            self.log.warning("unmount_flush_skipped", reason="stop hurried")
+            why = "the stop was hurried (a second signal)"
+        except ToolError as exc:
+            self.log.warning("unmount_flush_failed", error=str(exc))
+            why = f"`juicefs umount --flush` failed ({exc.action}: {exc.returncode})"
+        # Only after the bounded flush and busy wait: force ends the mount under programs still
+        # inside, and what they have not flushed is lost; so it is the fallback.
+        await best_effort(self.juicefs.force_unmount(), self.log, "unmount_force")
+        return [f"the volume was force-unmounted because {why}: blocks not yet uploaded stay in "
+                f"{self.layout.cache_dir}/*/rawstaging (the next start uploads them), and what "
+                f"programs had not flushed may be lost"]
+
+    async def _offline_unmount(self) -> list[str]:
+        """S3 is unreachable: unmount without waiting for uploads that cannot happen. The
+        staged blocks stay in rawstaging, where the next mount finds and uploads them."""
+        left = {"blocks": 0, "bytes": 0}
+        with contextlib.suppress(OSError, ValueError):
+            left = await self.juicefs.staging()
+        try:
+            await self.juicefs.umount(flush=False, timeout=OFFLINE_UNMOUNT)
+        except ToolError as exc:
+            self.log.warning("unmount_failed", error=str(exc))
+            await best_effort(self.juicefs.force_unmount(), self.log, "unmount_force")
+        self.log.warning("unmounted_offline", blocks_left=left["blocks"],
+                         bytes_left=left["bytes"])
+        return [f"S3 was unreachable: {left['blocks']} written blocks "
+                f"({left['bytes'] / 2**20:.1f} MiB) stayed in {self.layout.cache_dir}/*/"
+                f"rawstaging, not uploaded; the next start here uploads them once S3 is back"]
+
+    async def _umount_flush(self) -> None:
+        """`juicefs umount --flush`. A busy mount point (a shell or program still inside) is
+        retried for BUSY_WAIT seconds, naming the processes that hold it: a program finishing
+        its writes then gets a clean unmount instead of the force fallback."""
+        deadline = time.monotonic() + BUSY_WAIT
+        for attempt in itertools.count():
+            try:
+                await self.juicefs.umount(flush=True, timeout=self.config.flush_timeout)
+                return
+            except ToolError as exc:
+                if "busy" not in exc.stderr_tail or time.monotonic() >= deadline:
+                    raise
+                if attempt == 0:
+                    inside = holders(self.layout.mount_point, self.children.process_groups())
+                    self.log.warning("unmount_busy", wait_s=BUSY_WAIT, holders=inside)
+                    self.report(f"{self.layout.mount_point} is in use by "
+                                f"{named(inside, 'a program')}; unmounting it anyway in "
+                                f"{BUSY_WAIT:g} s")
+            await asyncio.sleep(BUSY_RETRY)
+
+    async def _flush_writeback(self) -> None:
+        """Upload staged blocks now instead of after upload_delay: `umount --flush` alone sits
+        the delay out (about two minutes for 60 s). JuiceFS's seamless remount hands the FUSE
+        session to a second `juicefs mount` with --upload-delay 0, which uploads every staged
+        block at once. Any failure leaves the plain `umount --flush` to do the job."""
+        old = self.children.mount
+        if self.config.effective_upload_delay <= 0 or old is None:
+            return
+        started = time.monotonic()
+        new = self.juicefs.mount_child(upload_delay=0)
+        try:
+            await new.start()
+            self.children.mount = new
+            self.children.retired_mounts.append(old)
+            self.children.remember()
+            await self.juicefs.wait_taken_over(new, self.config.ready_timeout)
+            self.log.info("flush_remounted", pid=new.pid, old_pid=old.pid,
+                          duration_ms=ms_since(started))
+            await self._wait_uploaded(started)
+        except (FsmError, OSError) as exc:
+            self.log.warning("flush_remount_failed", error=str(exc))
+            if not new.running and old.running:
+                self.children.mount = old
+                self.children.retired_mounts = [
+                    c for c in self.children.retired_mounts if c is not old] + [new]
+
+    async def _wait_uploaded(self, started: float) -> None:
+        """Until no block is staged (bounded by flush_timeout); progress as events."""
+        last: dict[str, int] = {}
+        logged = 0.0
+        while True:
+            left = await self.juicefs.staging()
+            now = time.monotonic()
+            done = left["blocks"] == 0 and left["writing"] == 0
+            if done or (left != last and now - logged >= 0.5) or now - logged >= 5:
+                self.log.info("flush_progress", blocks_left=left["blocks"],
+                              bytes_left=left["bytes"], blocks_writing=left["writing"],
+                              elapsed_ms=round((now - started) * 1000, 1))
+                self.report(f"uploading writeback data: {left['blocks']} blocks "
+                            f"({left['bytes'] / 2**20:.1f} MiB) left")
+                last, logged = left, now
+            if done:
+                self.log.info("flush_done", duration_ms=round((now - started) * 1000, 1))
+                return
+            if now - started > self.config.flush_timeout:
+                self.log.warning("flush_incomplete", blocks_left=left["blocks"],
+                                 bytes_left=left["bytes"], timeout_s=self.config.flush_timeout)
+                self.flush_incomplete = True
+                return
+            await asyncio.sleep(0.1)
+
+    # ---- litestream ---------------------------------------------------------------------
+
+    async def _final_sync(self, replicator: Child) -> list[str]:
+        """Replicate the last transactions before litestream stops: its own final sync on
+        SIGTERM was seen to upload nothing when it had run for less than a second."""
+        if not replicator.running:
+            return []
+        started = time.monotonic()
+
+        async def serving_then_sync() -> None:
+            # Stopped during start, litestream may not serve its control socket yet.
+            await self.litestream.wait_serving(replicator)
+            await self.litestream.sync(timeout=self.config.litestream_stop_timeout)
+
+        try:
+            if await self.unless_hurried(serving_then_sync()):
+                self.log.info("final_sync_done", duration_ms=ms_since(started))
+            else:
+                # litestream's own final sync on SIGTERM still runs.
+                self.log.warning("final_sync_skipped", reason="stop hurried")
+            return []
+        except FsmError as exc:
+            self.log.warning("final_sync_failed", error=str(exc))
+            return [f"the final metadata sync failed ({exc}); the local metadata.db has "
+                    f"everything, start again to replicate it"]
+
+    # ---- bounded waits ------------------------------------------------------------------
+
+    async def stop_child(self, child: Child, timeout: float) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`, or after HURRIED_GRACE once hurried."""
+        if await self.unless_hurried(child.terminate(timeout)):
+            return child.returncode
+        return await child.terminate(HURRIED_GRACE)
+
+    async def unless_hurried(self, step: Awaitable[Any]) -> bool:
+        """Await `step` (its errors propagate); cancel it if hurry() comes first.
+        True when `step` finished."""
+        task = asyncio.ensure_future(step)
+        hurried = asyncio.ensure_future(self.hurried.wait())
+        try:
+            await asyncio.wait({task, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurried.cancel()
+            finished = task.done()
+            if not finished:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if finished:
+            task.result()
+        return finished

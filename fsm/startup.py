@@ -1,0 +1,193 @@
+"""The start steps, one per chart state: claim base_dir and restore the metadata
+(`restoring_metadata`), format (`formatting`), start litestream (`replicating`), mount
+(`mounting`). The chart (fsm.chart) decides the order; fsm.controller wires its actions here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from typing import Any, Protocol
+
+from . import leftovers, metaengine, preflight, s3
+from .children import Children, Send, together, unwound_before_teardown
+from .config import Config
+from .errors import MissingPrerequisite, MountLost, NoSpace
+from .juicefs import JuiceFSTool
+from .litestream import LitestreamTool
+from .proc import Child
+from .replication import Replication
+from .retry import with_s3
+
+# The FUSE device (a module constant so a test can point it at a path that does not exist).
+FUSE_DEVICE = "/dev/fuse"
+# Less free space than this where metadata.db lives fails the start (docs/faults.md).
+MIN_FREE_MIB = 16
+# JuiceFS stops caching (and writes through to storage) below this free ratio of cache/.
+CACHE_FREE_RATIO = 0.1
+
+
+class History(Protocol):
+    """What a start needs of time travel (fsm.history.TimeTravel)."""
+
+    async def before_start(self) -> None: ...
+    async def ensure_trash_days(self) -> None: ...
+
+
+class Startup:
+    def __init__(self, config: Config, juicefs: JuiceFSTool, litestream: LitestreamTool,
+                 children: Children, replication: Replication, lock: leftovers.BaseDirLock,
+                 history: History, send: Send, log: Any) -> None:
+        self.config = config
+        self.layout = config.layout
+        self.juicefs = juicefs
+        self.litestream = litestream
+        self.children = children
+        self.replication = replication
+        self.lock = lock
+        self.history = history
+        self.send = send
+        self.log = log
+
+    # ---- restoring_metadata ----------------------------------------------------------------
+
+    @unwound_before_teardown
+    async def restore_metadata(self) -> None:
+        self.litestream.write_config()
+        if not self.config.local_mode:
+            # Fails fast on wrong credentials or a missing bucket; waits out an outage.
+            await with_s3(self.config, self.log, "S3 bucket check", self._check_bucket,
+                          check_first=False)
+            if await asyncio.to_thread(s3.keep_or_set_aside, self.config, self.log):
+                await asyncio.to_thread(s3.make_private, self.layout)
+                return
+        elif self.layout.metadata_db.exists():
+            self.log.info("metadata_kept", db=str(self.layout.metadata_db),
+                          reason="local metadata.db present")
+            return
+        restored = await with_s3(self.config, self.log, "metadata restore",
+                                 self.litestream.restore)
+        await asyncio.to_thread(s3.make_private, self.layout)
+        self.log.info("metadata_restored" if restored else "metadata_replica_empty",
+                      db=str(self.layout.metadata_db))
+
+    async def _check_bucket(self) -> None:
+        await s3.check_bucket(s3.target_of(self.config))
+
+    async def prepare(self) -> None:
+        """Checks that refuse before anything is created (fsm.preflight), prerequisites, this
+        base_dir's lock, what a controller that died left behind (fsm.leftovers), then the
+        directories and a free-space check."""
+        await asyncio.to_thread(preflight.check_before_start, self.config)
+        await asyncio.to_thread(self._claim_base_dir)
+        await leftovers.clear(self.config, self.log)
+        await asyncio.to_thread(self._prepare_dirs)
+
+    def _claim_base_dir(self) -> None:
+        if not os.path.exists(FUSE_DEVICE):
+            raise MissingPrerequisite(
+                f"FUSE is not available: {FUSE_DEVICE} does not exist; load the fuse module "
+                f"(modprobe fuse), or run the container with --device /dev/fuse "
+                f"--cap-add SYS_ADMIN")
+        if not shutil.which("umount"):
+            raise MissingPrerequisite("umount was not found on PATH; install util-linux "
+                                      "(Debian/Ubuntu: apt-get install util-linux)")
+        self.layout.base_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+
+    def _prepare_dirs(self) -> None:
+        lay = self.layout
+        dirs = [lay.cache_dir, lay.mount_point]
+        if self.config.local_mode:
+            dirs += [lay.local_storage_dir, lay.litestream_replica_dir]
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        self._check_space()
+
+    def _check_space(self) -> None:
+        """Refuse to start on a full disk (SQLite then fails in obscure ways, and in local mode
+        the volume's blocks, stored there too, cannot be written: writes would hang). A
+        nearly full cache/ only costs speed: JuiceFS then writes straight to storage."""
+        base = shutil.disk_usage(self.layout.base_dir)
+        if base.free < MIN_FREE_MIB << 20:
+            raise NoSpace(
+                f"the filesystem of {self.layout.base_dir} has only {base.free / (1 << 20):.1f} "
+                f"MiB free; metadata.db{' and the volume blocks' if self.config.local_mode else ''}"
+                f" live there: free at least {MIN_FREE_MIB} MiB and start again")
+        cache = shutil.disk_usage(self.layout.cache_dir)
+        if cache.free < cache.total * CACHE_FREE_RATIO:
+            self.log.warning(
+                "cache_space_low", cache_dir=str(self.layout.cache_dir),
+                free_mib=round(cache.free / (1 << 20), 1),
+                total_mib=round(cache.total / (1 << 20), 1),
+                effect="JuiceFS will not cache and writes go straight to storage (slower)")
+
+    # ---- formatting ------------------------------------------------------------------------
+
+    def needs_format(self) -> bool:
+        return self.juicefs.read_format() is None
+
+    @unwound_before_teardown
+    async def format_volume(self) -> None:
+        if self.config.meta_url:
+            # Machines starting together: exactly one formats, the others join.
+            outcome = await metaengine.format_once(self.config, log=self.log)
+            self.log.info("volume_formatted" if outcome == "formatted" else "volume_joined",
+                          volume=self.config.volume_name,
+                          engine=metaengine.display_of(self.config.meta_url))
+            return
+        # juicefs stores the credentials in the format: create the db owner-only first.
+        db = self.layout.metadata_db
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+        try:
+            await with_s3(self.config, self.log, "format", self.juicefs.format)
+        except BaseException:
+            if db.stat().st_size == 0:
+                db.unlink()  # only the empty placeholder made above: nothing to keep
+            raise
+        await asyncio.to_thread(s3.make_private, self.layout)
+        self.log.info("volume_formatted", volume=self.config.volume_name,
+                      storage=self.config.mode)
+
+    # ---- replicating -----------------------------------------------------------------------
+
+    @unwound_before_teardown
+    async def start_replication(self) -> None:
+        # Time travel: deleted data must outlive the history window (no-op when it is off).
+        await self.history.ensure_trash_days()
+        await self.replication.spawn()
+        # Its control socket takes litestream ~25 ms: mount_volume waits for it alongside the
+        # mount (~70 ms) rather than before it (bench/, BENCHMARKS.md).
+
+    # ---- mounting --------------------------------------------------------------------------
+
+    @unwound_before_teardown
+    async def mount_volume(self) -> None:
+        if self.juicefs.is_stale():
+            self.log.warning("stale_mount_cleared", mount_point=str(self.layout.mount_point))
+            await self.juicefs.lazy_unmount()
+        child = self.juicefs.mount_child()
+        self.children.mount = child
+        await child.start()
+        self.children.remember()
+        replicator = self.children.replicator
+        # replicating comes before mounting, except on a shared engine (no litestream).
+        waits = [self.replication.serving(replicator)] if replicator else []
+        seconds, *_ = await together(
+            self.juicefs.wait_mounted(child, self.config.ready_timeout), *waits)
+        self.log.info("mounted", mount_point=str(self.layout.mount_point), pid=child.pid,
+                      duration_ms=round(seconds * 1000, 1))
+        # mkdir through FUSE on a first start, no-ops later. Here, not on entering ready: ready
+        # is re-entered after every operation, and these cost ~1 ms each time (bench/).
+        self.layout.active_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        self._watch_mount(child)
+
+    def _watch_mount(self, child: Child) -> None:
+        async def lost(rc: int) -> None:
+            await self.send("mount_lost", error=MountLost(
+                f"juicefs (pid {child.pid}) exited with {rc} while in use:\n"
+                f"{child.stderr_tail()}"))
+        self.children.watch(child, lost, self.juicefs.unstick)
+
