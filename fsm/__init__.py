@@ -20,6 +20,7 @@ from .errors import (
     InUse,
     InvalidCheckpointId,
     LeaseHeld,
+    LeaseLost,
     MigrationFailed,
     MissingPrerequisite,
     MountLost,
@@ -30,6 +31,8 @@ from .errors import (
     OutsideWindow,
     ReplicationLost,
     RollbackFailed,
+    S3AccessError,
+    S3Unavailable,
     StartError,
     StopError,
     TimeTravelError,
@@ -41,16 +44,17 @@ from .errors import (
 if TYPE_CHECKING:
     from .checkpoints import Checkpoint
     from .config import Config
-    from .controller import JuiceFS, Transition
+    from .controller import JuiceFS
     from .history import Browse
     from .migrate import MigrationResult, migrate_metadata
     from .rollback import RollbackResult
     from .timepoints import RestoreWindow
+    from .transitions import Transition
 
 # Imported on first use: `juicefs-fsm status` and the other control-socket verbs need none of
 # these (the controller pulls in python-statemachine, structlog and asyncio: ~60 ms).
 _LAZY = {"Checkpoint": "checkpoints", "Config": "config", "JuiceFS": "controller",
-         "Transition": "controller", "RestoreWindow": "timepoints", "Browse": "history",
+         "Transition": "transitions", "RestoreWindow": "timepoints", "Browse": "history",
          "RollbackResult": "rollback", "migrate_metadata": "migrate",
          "MigrationResult": "migrate"}
 
@@ -73,6 +77,7 @@ __all__ = [
     "InvalidCheckpointId",
     "JuiceFS",
     "LeaseHeld",
+    "LeaseLost",
     "MigrationFailed",
     "MigrationResult",
     "MissingPrerequisite",
@@ -86,6 +91,8 @@ __all__ = [
     "RestoreWindow",
     "RollbackFailed",
     "RollbackResult",
+    "S3AccessError",
+    "S3Unavailable",
     "StartError",
     "StopError",
     "TimeTravelError",

@@ -31,6 +31,7 @@ from . import s3
 from .children import Send
 from .config import Config
 from .errors import LeaseLost
+from .layout import replica_prefix
 from .lease import Acquired, Lease
 from .litestream import write_private
 from .retry import with_s3
@@ -53,6 +54,9 @@ class Claim:
         self.acquired: Acquired | None = None
         # Set when the start must restore the replica to a watermark (fsm.takeover).
         self.takeover: dict[str, Any] | None = None
+        # The local metadata and staged blocks are not the newest truth (another machine
+        # held the volume since): never uploaded, set aside.
+        self.superseded = False
         self._hold: asyncio.Task[None] | None = None
 
     @property
@@ -72,11 +76,15 @@ class Claim:
         self.lease, self.acquired = lease, acquired
         journal = self._read_journal()
         superseded = acquired.previous is not None and not acquired.same_disk
-        if superseded or journal is not None:
-            await asyncio.to_thread(self._set_aside_local)
+        self.superseded = superseded or journal is not None
         if journal is not None:
             # A takeover here was interrupted: finish it from where it restores.
             self.takeover = journal
+        elif acquired.takeover and superseded and not await self._anything_replicated():
+            # The holder died before litestream's first upload: there is no metadata to take
+            # over (nothing it wrote is reachable); the start restores nothing and formats.
+            self.log.warning("takeover_nothing_replicated",
+                             replica=replica_prefix(self.config.volume_name))
         elif acquired.takeover and superseded:
             previous = acquired.previous or {}
             extra = previous.get("extra") or {}
@@ -86,6 +94,18 @@ class Claim:
                              "source_subpath": None}
         await lease.refresh(extra=self.extra())  # the first watermark, at once
         self._hold = asyncio.create_task(lease.hold(self._lost, extra=self.extra))
+
+    async def _anything_replicated(self) -> bool:
+        bucket = s3.Bucket(s3.target_of(self.config), timeout=10.0)
+        prefix = replica_prefix(self.config.volume_name) + "/"
+        return bool(await with_s3(self.config, self.log, "replica check",
+                                  lambda: bucket.any_key(prefix)))
+
+    async def settle_local(self) -> None:
+        """After what a dead controller left is cleared (without uploading, when superseded:
+        fsm.leftovers): set the superseded local files aside."""
+        if self.superseded:
+            await asyncio.to_thread(self._set_aside_local)
 
     async def _lost(self, reason: str) -> None:
         await self.send("lease_lost", error=LeaseLost(

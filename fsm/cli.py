@@ -13,10 +13,10 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .clitext import checkpoint_table, format_history, format_status, rollback_text
 from .errors import ConfigError, FsmError, one_line
 
 PROG = "juicefs-fsm"
@@ -361,15 +361,7 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
-    return _show(args, _call(args, "checkpoints"), _checkpoint_table)
-
-
-def _checkpoint_table(found: list[dict[str, Any]]) -> str:
-    if not found:
-        return "no checkpoints"
-    width = max(len(cp["id"]) for cp in found)
-    return "\n".join([f"{'ID':<{width}}  CREATED_AT",
-                      *(f"{cp['id']:<{width}}  {cp['created_at']}" for cp in found)])
+    return _show(args, _call(args, "checkpoints"), checkpoint_table)
 
 
 def _delete(args: argparse.Namespace) -> int:
@@ -414,63 +406,11 @@ def _unbrowse_target(target: str) -> str:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    return _show(args, _call(args, "rollback", at=_checked_at(args.at)), _rollback_text)
-
-
-def _rollback_text(done: dict[str, Any]) -> str:
-    gc = done["gc"]
-    return (f"rolled back to {done['at']} (replicated state of {done['state_at']}); the mount "
-            f"was offline {done['offline_ms']:.0f} ms\nthe tree it replaced is checkpoint "
-            f"{done['checkpoint']['id']}\ngarbage collection: "
-            + (gc.get("summary") or "done" if gc.get("ok") else f"failed: {gc.get('error')}"))
-
-
-def format_history(window: dict[str, Any]) -> str:
-    lines = [f"history:   {window.get('history_hours'):g} h kept (history_hours)",
-             f"oldest:    {window.get('oldest') or '-'}{_ago(window.get('oldest') or '')}",
-             f"newest:    {window.get('newest') or '-'}{_ago(window.get('newest') or '')}"
-             " (later times give the latest state)",
-             f"replica:   {window.get('replica')}"]
-    steps = {0: "~1 s", 1: "~30 s", 2: "~5 min", 3: "~1 h", 9: "snapshots"}
-    for level in window.get("levels") or []:
-        lines.append(f"  level {level['level']} ({steps.get(level['level'], '?')}): "
-                     f"{level['files']} files, {level['from']} .. {level['to']}")
-    for browse in window.get("browsing") or []:
-        lines.append(f"browsing:  {browse['at']} at {browse['path']}")
-    return "\n".join(lines)
+    return _show(args, _call(args, "rollback", at=_checked_at(args.at)), rollback_text)
 
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
-
-
-def format_status(status: dict[str, Any], transitions: int = 10) -> str:
-    """Human-readable status (the --json form has everything)."""
-    since = status.get("since", "")
-    lines = [f"state:       {status.get('state')} since {since}{_ago(since)}",
-             f"volume:      {status.get('volume_name')} ({status.get('mode')} mode)",
-             f"base_dir:    {status.get('base_dir')}"]
-    pids = {**(status.get("pids") or {}), "daemon": (status.get("daemon") or {}).get("pid")}
-    lines.append("pids:        " + ", ".join(f"{k} {v if v else '-'}" for k, v in pids.items()))
-    versions = status.get("versions") or {}
-    lines.append("versions:    " + ", ".join(f"{k} {v or '?'}" for k, v in versions.items()))
-    if status.get("error"):
-        lines.append("error:       " + one_line(str(status["error"])))
-    recent = (status.get("transitions") or [])[-transitions:]
-    if recent:
-        lines.append("transitions: (oldest first)")
-        for t in recent:
-            lines.append(f"  {t.get('at', '')}  {t.get('from')} -> {t.get('to')}  "
-                         f"[{t.get('event')}, {t.get('duration_ms')} ms]")
-    return "\n".join(lines)
-
-
-def _ago(iso: str) -> str:
-    try:
-        then = datetime.fromisoformat(iso)
-    except ValueError:
-        return ""
-    return f" ({(datetime.now(timezone.utc) - then).total_seconds():.1f} s ago)"
 
 
 # ---- diagram and demo (implemented in their own modules) ---------------------------------

@@ -237,6 +237,10 @@ class Config:
             raise ConfigError(f"history_hours={self.history_hours:g} with meta_url "
                               f"{engine.display}: {metaengine.TIME_TRAVEL_REFUSED}; set "
                               f"history_hours to 0")
+        if self.upload_delay:
+            raise ConfigError(f"upload_delay={self.upload_delay:g} with meta_url "
+                              f"{engine.display}: {metaengine.WRITEBACK_REFUSED}; leave "
+                              f"upload_delay unset or 0")
 
     def _check_s3(self) -> None:
         missing = [
@@ -266,7 +270,8 @@ class Config:
     def effective_upload_delay(self) -> float:
         if self.upload_delay is not None:
             return self.upload_delay
-        return 0.0 if self.local_mode else 60.0
+        # A shared engine mounts without writeback: blocks are uploaded before close() returns.
+        return 0.0 if self.local_mode or self.meta_url else 60.0
 
     @property
     def bucket_url(self) -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -28,7 +26,7 @@ from .children import Children, unwound_before_teardown
 from .claim import Claim
 from .config import Config
 from .copies import Copies
-from .errors import FsmError, LeaseLost, NotReadyError, StartError, StopError
+from .errors import FsmError, LeaseHeld, LeaseLost, NotReadyError, StartError, StopError
 from .history import Browse, TimeTravel, TravelOp
 from .juicefs import JuiceFSTool
 from .litestream import LitestreamTool
@@ -41,32 +39,7 @@ from .shutdown import Shutdown
 from .startup import Startup
 from .takeover import Takeover
 from .timepoints import RestoreWindow, parse_time
-
-
-@dataclass(frozen=True)
-class Transition:
-    source: str
-    target: str
-    event: str
-    at: datetime
-    duration_ms: float
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"from": self.source, "to": self.target, "event": self.event,
-                "at": self.at.isoformat(), "duration_ms": self.duration_ms,
-                "error": self.error}
-
-
-Observer = Callable[[Transition], None]
-# A long step's progress in words ("uploading 12 blocks (48.0 MiB) to the bucket").
-ProgressObserver = Callable[[str], None]
-
-
-def _event_name(event: Any) -> str:
-    name = str(getattr(event, "id", event) or "")
-    # done.invoke.<state>.<random id>: keep the stable part.
-    return ".".join(name.split(".")[:3]) if name.startswith("done.invoke.") else name
+from .transitions import Observer, ProgressObserver, Transition, event_name
 
 
 class JuiceFS:
@@ -316,12 +289,12 @@ class JuiceFS:
 
     def on_enter_state(self, state: Any, event: Any, error: BaseException | None = None,
                        data: Any = None) -> None:
-        if state.states or _event_name(event) == "__initial__":
+        if state.states or event_name(event) == "__initial__":
             return  # a compound parent (its leaf entry follows), or activation itself
         # A failed checkpoint/restore returns to ready with its error in the Operation (`data`).
         error = error or getattr(data, "error", None)
         now = time.monotonic()
-        record = Transition(self._leaf, state.id, _event_name(event), datetime.now(timezone.utc),
+        record = Transition(self._leaf, state.id, event_name(event), datetime.now(timezone.utc),
                             round((now - self._entered_at) * 1000, 1),
                             str(error) if error else None)
         self._leaf, self._entered_at, self._since = state.id, now, record.at
@@ -338,10 +311,16 @@ class JuiceFS:
 
     @unwound_before_teardown
     async def claim_volume(self) -> None:
-        await self._startup.prepare()
+        await self._startup.claim_base_dir()
         if not self.config.meta_url:
             await migrate.check_not_moved(self.config)  # moved to a shared engine: refused
-        await self._claim.acquire()
+        try:
+            await self._claim.acquire()
+        except LeaseHeld:
+            await asyncio.to_thread(self._startup.undo_claim)
+            raise
+        await self._startup.prepare(superseded=self._claim.superseded)
+        await self._claim.settle_local()
         if not self.config.meta_url:
             # Which replica path is current (a rollback or takeover starts a new one); undo a
             # rollback a crash interrupted; clear browse mounts a crash left behind.

@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 from . import early_signals
 from .config import Config
 from .control import ControlServer
-from .controller import JuiceFS, Transition
+from .controller import JuiceFS
 from .errors import ConfigError, ControlError, FsmError, StartError, StopError
 from .juicefs import lazy_unmount, mount_fstype, remove_handover_files
 from .logs import ms_since
 from .sdnotify import Notifier
+from .transitions import Transition
 
 if TYPE_CHECKING:
     from .web import WebServer

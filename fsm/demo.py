@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from .config import Config
-from .controller import JuiceFS, Transition
+from .controller import JuiceFS
 from .logs import configure
+from .transitions import Transition
 
 
 def _say(text: str) -> None:

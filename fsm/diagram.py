@@ -181,7 +181,25 @@ def dot(highlight: Highlight | None = None) -> str:
     if highlight is not None:
         # Only the label: labeljust/labelloc on the root would be inherited by the clusters.
         rendered.set("label", _dot_caption(highlight.caption))
-    return _renumber(rendered.to_string())
+    return _loops_on_compounds(_renumber(rendered.to_string()))
+
+
+# The renderer draws a targetless transition of a compound state (litestream's restart loop on
+# `active`) to `<id>_anchor`, a node it never declares, so Graphviz draws a stray ellipse:
+# point it at the compound's own invisible entry anchor instead.
+_UNDECLARED_ANCHOR = re.compile(r"-> (\w+)_anchor \[")
+
+
+def _loops_on_compounds(text: str) -> str:
+    declared = set(re.findall(r"^(\w+) \[", text, re.MULTILINE))
+
+    def entry(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if f"{name}_anchor" in declared or f"{name}_anchor_in" not in declared:
+            return match.group(0)
+        return f"-> {name}_anchor_in ["
+
+    return _UNDECLARED_ANCHOR.sub(entry, text)
 
 
 def _renumber(text: str) -> str:

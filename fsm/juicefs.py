@@ -150,20 +150,29 @@ class JuiceFSTool:
         storage = "file" if self.cfg.local_mode else "s3"
         # Time travel keeps deleted data as long as its history window (fsm.history).
         trash = ["--trash-days", str(trash_days_needed(self.cfg))] if self.cfg.history_hours else []
-        await self._run("format", "format", "--storage", storage, "--bucket", self.cfg.bucket_url,
-                        *trash, "--no-update", self.meta_url, self.cfg.volume_name)
+        argv = [self.bin, "format", "--storage", storage, "--bucket", self.cfg.bucket_url, *trash,
+                "--no-update", self.meta_url, self.cfg.volume_name]
+        # S3 mode: the caller checked the volume's prefix holds nothing but the controller's
+        # own keys (the lease is there before the first format, and juicefs's own "storage is
+        # not empty" test would refuse it: fsm.startup).
+        env = self.env if self.cfg.local_mode else {**self.env,
+                                                    "JFS_NO_CHECK_OBJECT_STORAGE": "1"}
+        await run("juicefs", "format", argv, env=env, log=self.log, secrets=self.secrets)
 
     def mount_argv(self, upload_delay: float | None = None) -> list[str]:
         """`upload_delay` overrides the configured one (the flush remount at stop uses 0)."""
         cfg = self.cfg
         delay = cfg.effective_upload_delay if upload_delay is None else upload_delay
+        # A shared engine: other machines see a file as soon as its metadata is committed, so
+        # its blocks must be in the bucket by then; writeback would leave them in this
+        # machine's staging folder (docs/shared-engine.md). close() then waits for the upload.
+        writeback = [] if cfg.meta_url else ["--writeback", "--upload-delay", f"{delay:g}s"]
         return [
             self.bin, "mount", self.meta_url, str(self.layout.mount_point),
-            "--writeback",
+            *writeback,
             "--cache-dir", str(self.layout.cache_dir),
             "--cache-size", str(cache_size_mib(cfg)),
             "--buffer-size", str(buffer_size_mib(cfg)),
-            "--upload-delay", f"{delay:g}s",
             "--no-usage-report", "--no-syslog",
             *([] if cfg.local_mode else S3_READ_BOUND),
         ]

@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from typing import IO, Any
@@ -130,11 +131,13 @@ def _still_ours(config: Config, rec: ProcessRecord) -> bool:
     return True
 
 
-async def clear(config: Config, log: Any) -> None:
+async def clear(config: Config, log: Any, *, flush: bool = True) -> None:
     """Clear what a dead controller left for this base_dir (call with the lock held). Orphans
-    are always real processes, so this uses the real juicefs adapter, not an injected one."""
+    are always real processes, so this uses the real juicefs adapter, not an injected one.
+    `flush=False` (another machine has held the volume since, fsm.claim): nothing of theirs
+    may reach the bucket any more, so the orphans are SIGKILLed, not asked to flush."""
     records = _recorded(config, log)
-    await _clear_mount(config, JuiceFSTool(config, log), log)
+    await _clear_mount(config, JuiceFSTool(config, log), log, flush)
     # The mount first: its last metadata writes go into metadata.db before litestream's final
     # sync (on SIGTERM) replicates them.
     for tool in ("juicefs", "litestream"):
@@ -142,7 +145,7 @@ async def clear(config: Config, log: Any) -> None:
             if rec.tool == tool and _still_ours(config, rec):
                 log.warning("orphan_found", tool=rec.tool, pid=rec.pid)
                 grace = (config.litestream_stop_timeout if tool == "litestream"
-                         else _MOUNT_EXIT_WAIT)
+                         else _MOUNT_EXIT_WAIT) if flush else 0.0
                 if not await proc.end_process(rec.pid, rec.start_ticks, grace, log, rec.tool):
                     raise FsmError(f"orphaned {rec.tool} (pid {rec.pid}) from a previous run "
                                    f"survived SIGKILL; end it (kill -9 {rec.pid}) and start "
@@ -153,7 +156,7 @@ async def clear(config: Config, log: Any) -> None:
     forget(config)
 
 
-async def _clear_mount(config: Config, juicefs: JuiceFSTool, log: Any) -> None:
+async def _clear_mount(config: Config, juicefs: JuiceFSTool, log: Any, flush: bool) -> None:
     state, info = await juicefs.mount_state()
     mp = config.layout.mount_point
     if state == "absent":
@@ -164,19 +167,24 @@ async def _clear_mount(config: Config, juicefs: JuiceFSTool, log: Any) -> None:
         raise FsmError(f"{mp} is a mount point, but not a juicefs mount of this volume; "
                        f"unmount it (umount {mp}) and start again")
     log.warning("leftover_mount_found", mount_point=str(mp), mount_state=state)
-    if state == "live":
+    if state == "live" and flush:
         await _unmount_orphan(config, juicefs, info, log)
         return
+    if state == "live":
+        for pid, _ticks in _mount_processes(info):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # no flush: not one more upload
+        log.warning("orphan_mount_killed", mount_point=str(mp),
+                    reason="another machine has held the volume since")
+        state = "hung"
     if state == "hung":
         await juicefs.abort_connection()
     await juicefs.lazy_unmount()
     log.info("leftover_mount_cleared", mount_point=str(mp), mount_state=state)
 
 
-async def _unmount_orphan(config: Config, juicefs: JuiceFSTool, info: dict[str, Any],
-                          log: Any) -> None:
-    """A serving mount with no controller: unmount it flushing its writeback data, then make
-    sure its processes (named by its `.config`) are gone."""
+def _mount_processes(info: dict[str, Any]) -> list[tuple[int, int]]:
+    """(pid, start ticks) of a live mount's supervisor and FUSE server, from its `.config`."""
     pids: list[tuple[int, int]] = []
     for key in ("PPid", "Pid"):
         pid = info.get(key)
@@ -184,6 +192,14 @@ async def _unmount_orphan(config: Config, juicefs: JuiceFSTool, info: dict[str, 
         if isinstance(pid, int) and ticks is not None and \
                 proc.executable(pid).startswith("juicefs"):
             pids.append((pid, ticks))
+    return pids
+
+
+async def _unmount_orphan(config: Config, juicefs: JuiceFSTool, info: dict[str, Any],
+                          log: Any) -> None:
+    """A serving mount with no controller: unmount it flushing its writeback data, then make
+    sure its processes (named by its `.config`) are gone."""
+    pids = _mount_processes(info)
     started = time.monotonic()
     try:
         await juicefs.umount(flush=True, timeout=config.flush_timeout)

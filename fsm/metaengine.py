@@ -64,6 +64,11 @@ TIME_TRAVEL_REFUSED = (
     "recovery instead (PostgreSQL: WAL archiving + recovery_target_time; Redis: AOF/RDB "
     "snapshots), or leave meta_url unset")
 
+WRITEBACK_REFUSED = (
+    "with a shared engine the volume is mounted without writeback, so a file other machines "
+    "see has its data in the bucket already (close() waits for the upload); a delayed upload "
+    "would let them see files whose blocks are only in this machine's staging folder")
+
 
 @dataclass(frozen=True)
 class MetaURL:

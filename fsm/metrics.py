@@ -25,7 +25,8 @@ from prometheus_client.registry import Collector
 from .chart import LEAF_STATES
 
 if TYPE_CHECKING:
-    from .controller import JuiceFS, Transition
+    from .controller import JuiceFS
+    from .transitions import Transition
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OPERATIONS = ("checkpoint", "restore", "delete", "browse", "rollback", "start", "stop")

@@ -32,6 +32,7 @@ from .config import Config
 from .errors import ConfigError, FsmError, MigrationFailed, ToolError, VolumeMoved, one_line
 from .juicefs import is_juicefs_mount, read_format
 from .layout import control_key
+from .lease import Lease
 from .leftovers import BaseDirLock
 from .logs import get_logger
 from .metaengine import MetaURL, engine_status, parse_meta_url
@@ -130,9 +131,11 @@ def _sqlite_counts(db: Path) -> dict[str, int]:
 async def migrate_metadata(config: Config, to_url: str, *, password: str | None = None,
                            restore: Restore | None = None, log: Any = None) -> MigrationResult:
     """Move the stopped SQLite volume of `config` to the engine at `to_url` (its password in the
-    URL, in `password`, or in config.meta_password / FSM_META_PASSWORD). `restore` is called
-    when base_dir has no metadata.db (restore it from the replica there). MigrationFailed when
-    the move did not complete: the SQLite volume is as it was."""
+    URL, in `password`, or in config.meta_password / FSM_META_PASSWORD). When base_dir has no
+    metadata.db (a fresh base_dir, or one whose copy another machine superseded), `restore`
+    brings it from the replica first (default: litestream, as a start would). S3 mode: the
+    volume's lease is held during the move (LeaseHeld while another machine runs it).
+    MigrationFailed when the move did not complete: the SQLite volume is as it was."""
     log = (log or get_logger()).bind(volume=config.volume_name)
     if getattr(config, "meta_url", ""):
         raise ConfigError(f"volume {config.volume_name!r} already uses {config.meta_url}; "
@@ -140,21 +143,25 @@ async def migrate_metadata(config: Config, to_url: str, *, password: str | None 
     engine = parse_meta_url(to_url, password if password is not None else config.meta_password)
     started = time.monotonic()
     steps: dict[str, float] = {}
-    layout = config.layout
     lock = BaseDirLock(config)
     _hold_stopped(config, lock)
+    lease: Lease | None = None
     try:
         marker = await read_moved(config)
         if marker is not None:
             raise VolumeMoved(_moved_message(config, marker))
-        db = layout.metadata_db
-        if not db.exists() and restore is not None:
-            await restore(config)
+        lease = await _take_lease(config, log)
+        db = config.layout.metadata_db
+        if not db.exists():
+            t0 = time.monotonic()
+            await (restore or restore_from_replica)(config)
+            steps["restore"] = round(time.monotonic() - t0, 3)
+        _check_nothing_staged(config)
         fmt = read_format(db)
         if fmt is None:
             raise MigrationFailed(
-                f"{db} is missing or not a formatted JuiceFS database: start and stop the volume "
-                f"once (it restores the metadata from its replica), then migrate")
+                f"{db} is missing or not a formatted JuiceFS database, and the replica had "
+                f"none: is base_dir / the bucket / volume_name the volume's?")
         if fmt.get("Name") != config.volume_name:
             raise MigrationFailed(f"{db} holds volume {fmt.get('Name')!r}, not "
                                   f"{config.volume_name!r}; fix volume_name")
@@ -164,15 +171,99 @@ async def migrate_metadata(config: Config, to_url: str, *, password: str | None 
                 f"(a new PostgreSQL database, an unused Redis db number); nothing was changed")
         return await _move(config, engine, db, started, steps, log)
     finally:
+        if lease is not None:
+            # Nothing of the SQLite volume was left unflushed: the next holder (if any: after
+            # the move only a failed one starts it) may start at once.
+            await lease.release(clean=True)
         lock.release()
+
+
+async def restore_from_replica(config: Config) -> None:
+    """metadata.db from the volume's Litestream replica (the path the replica pointer names),
+    as a start in the SQLite mode restores it."""
+    from .litestream import LitestreamTool
+    from .pointintime import POINTER, valid_subpath
+
+    log = get_logger().bind(volume=config.volume_name)
+    tool = LitestreamTool(config, log)
+    if config.local_mode:
+        pointer = _read_json_file(config.layout.litestream_replica_dir / POINTER)
+    else:
+        from .s3 import get_text
+
+        text = await get_text(config, control_key(config.volume_name, POINTER))
+        pointer = _loads(text) if text else None
+    tool.replica_subpath = valid_subpath(str((pointer or {}).get("replica", "")))
+    tool.write_config()
+    restored = await tool.restore()
+    log.info("migrate_metadata_restored" if restored else "migrate_replica_empty",
+             replica=tool.replica_location)
+
+
+def _read_json_file(path: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError):
+        return _loads(path.read_text())
+    return None
+
+
+def _loads(text: str) -> dict[str, Any] | None:
+    with contextlib.suppress(ValueError):
+        value = json.loads(text)
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+async def _take_lease(config: Config, log: Any) -> Lease | None:
+    """S3 mode: hold the volume's single-writer lease for the move, so that no machine starts
+    the SQLite volume meanwhile (LeaseHeld when one runs it now). A metadata.db here that
+    another machine superseded is set aside (as a start does): the replica is restored."""
+    if config.local_mode:
+        return None
+    from . import s3
+    from .lease import Lease
+
+    lease = Lease.for_config(config, log)
+    acquired = await lease.acquire(wait=False)
+    if acquired.takeover:
+        previous = acquired.previous or {}
+        # Keep the lost holder's watermark for the start that takes the volume over.
+        with contextlib.suppress(FsmError):
+            await lease.refresh(extra=previous.get("extra") or
+                                {"watermark": previous.get("since")})
+        await lease.release(clean=False)
+        raise MigrationFailed(
+            f"volume {config.volume_name!r} was not stopped cleanly (its last holder, "
+            f"{previous.get('host', '?')} {previous.get('base_dir', '?')}, did not release the "
+            f"lease): start it once in the SQLite mode (it takes the volume over to the last "
+            f"point whose data is all in the bucket) and stop it, then migrate; the lease runs "
+            f"out in {config.lease_ttl:g}s")
+    if acquired.previous is not None and not acquired.same_disk and s3.metadata_files(
+            config.layout):
+        folder = await asyncio.to_thread(s3.set_aside, config.layout)
+        log.warning("superseded_set_aside", moved_to=str(folder),
+                    reason="another machine held the volume since this one")
+    return lease
+
+
+def _check_nothing_staged(config: Config) -> None:
+    """Writeback blocks not uploaded yet (an unclean stop here): the metadata references them,
+    the engine's copy would reference objects the bucket does not have."""
+    staged = [p for p in config.layout.cache_dir.glob("*/rawstaging/**/*") if p.is_file()]
+    if staged:
+        raise MigrationFailed(
+            f"{len(staged)} written blocks in {config.layout.cache_dir}/*/rawstaging were never "
+            f"uploaded (the volume did not stop cleanly): start and stop it once (the mount "
+            f"uploads them), then migrate")
 
 
 def _hold_stopped(config: Config, lock: BaseDirLock) -> None:
     """Hold base_dir's controller lock for the whole move, so no start can begin meanwhile;
     BaseDirInUse while a controller runs the volume."""
     base = Path(config.base_dir)
-    if not base.is_dir():
+    if config.local_mode and not base.is_dir():
         raise MigrationFailed(f"{base} does not exist: migrate needs the volume's base_dir")
+    base.mkdir(parents=True, exist_ok=True)  # S3 mode: a new base_dir restores the replica
     lock.acquire()
     if is_juicefs_mount(config.layout.mount_point):
         lock.release()

@@ -18,6 +18,10 @@ from .errors import CheckpointExists, CheckpointNotFound
 from .juicefs import JuiceFSTool
 from .metaengine import volume_lock
 
+# How long an operation waits for another machine's checkpoint, restore or delete before it
+# fails with OperationLocked (nothing changed). A restore of a huge tree can take longer.
+TREE_LOCK_WAIT = 60.0
+
 
 class Barrier(Protocol):
     """The durability barrier (fsm.replication.Replication)."""
@@ -41,23 +45,26 @@ class TreeOperations:
 
     @contextlib.asynccontextmanager
     async def _replacing_trees(self) -> AsyncIterator[None]:
-        """On a shared engine other machines restore and delete too: those never interleave
-        (the volume's cross-machine "tree" lock, fsm.metaengine; a bounded wait, then
-        OperationLocked naming the holder). One machine's chart already serializes its own."""
+        """On a shared engine other machines checkpoint, restore and delete too: those never
+        interleave (the volume's cross-machine "tree" lock, fsm.metaengine; a bounded wait,
+        then OperationLocked naming the holder). One machine's chart serializes its own."""
         if not self.config.meta_url:
             yield
             return
-        async with volume_lock(self.config, "tree", log=self.log):
+        async with volume_lock(self.config, "tree", log=self.log, wait=TREE_LOCK_WAIT):
             yield
 
     @unwound_before_teardown
     async def take(self, op: Operation) -> Operation:
         dst = self.path(op.cp_id)
         with op.capture(f"checkpoint {op.cp_id!r}"):
-            if dst.exists():
-                raise CheckpointExists(f"checkpoint {op.cp_id!r} already exists; "
-                                       f"delete it first or choose another id")
-            await self.juicefs.clone(self.layout.active_root, dst)
+            # Under the lock too: a restore on another machine renames `active` away and clones
+            # into it in batches; a checkpoint meanwhile would copy half a tree, or none.
+            async with self._replacing_trees():
+                if dst.exists():
+                    raise CheckpointExists(f"checkpoint {op.cp_id!r} already exists; "
+                                           f"delete it first or choose another id")
+                await self.juicefs.clone(self.layout.active_root, dst)
             os.utime(dst)  # created_at: the clone copies the active tree's times
             op.result = Checkpoint.at(dst)
             self.log.info("checkpoint_created", id=op.cp_id)
@@ -69,11 +76,12 @@ class TreeOperations:
         src = self.path(op.cp_id)
         active = self.layout.active_root
         with op.capture(f"restore of {op.cp_id!r}"):
-            if not src.is_dir():
-                raise CheckpointNotFound(
-                    f"checkpoint {op.cp_id!r} does not exist; list them with "
-                    f"list_checkpoints() or `juicefs-fsm checkpoints`")
+            # Checked under the lock: another machine may delete it until then.
             async with self._replacing_trees():
+                if not src.is_dir():
+                    raise CheckpointNotFound(
+                        f"checkpoint {op.cp_id!r} does not exist; list them with "
+                        f"list_checkpoints() or `juicefs-fsm checkpoints`")
                 taken = {e.name for e in os.scandir(self.layout.checkpoints_dir)}
                 aside = self.path(cps.pre_restore_id(op.cp_id, taken))
                 os.rename(active, aside)

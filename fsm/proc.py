@@ -269,8 +269,10 @@ def cmdline(pid: int) -> list[str]:
 
 async def end_process(pid: int, ticks: int, timeout: float, log: Any, tool: str) -> bool:
     """SIGTERM a process that is not our child (an orphan), SIGKILL after `timeout`. Signals go
-    only to the process that started at `ticks` (never to a reused pid). True once it is gone."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+    only to the process that started at `ticks` (never to a reused pid). True once it is gone.
+    `timeout` 0: SIGKILL at once (a SIGTERM would let litestream make a final upload)."""
+    steps = ((signal.SIGTERM, timeout),) if timeout > 0 else ()
+    for sig, wait in (*steps, (signal.SIGKILL, 5.0)):
         if not alive(pid, ticks):
             return True
         log.warning("orphan_signalled", tool=tool, pid=pid, signal=signal.Signals(sig).name)

@@ -12,8 +12,11 @@ otherwise it is moved under set-aside/ (never deleted) and litestream restores t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import shutil
+import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -41,7 +44,7 @@ from .errors import (
     S3Unavailable,
 )
 from .juicefs import read_format
-from .layout import Layout
+from .layout import LEGACY_REPLICA_PREFIX, Layout, replica_prefix
 
 DEFAULT_REGION = "us-east-1"
 # Short on purpose: an outage must show as S3Unavailable within seconds, so that fsm.retry's
@@ -214,6 +217,17 @@ class Bucket:
             error = _error(self.target, exc, f"deleting {key}")
             if not isinstance(error, S3ObjectMissing):
                 raise error from None
+
+    async def any_key(self, prefix: str) -> bool:
+        """Whether at least one key starts with `prefix` (one short listing page)."""
+        try:
+            chunks = obstore.list(self.store, prefix, chunk_size=1)
+            async for chunk in chunks:
+                if chunk:
+                    return True
+            return False
+        except _OBSTORE_ERRORS as exc:
+            raise _error(self.target, exc, f"listing bucket {self.target.bucket!r}") from None
 
     async def list_keys(self, prefix: str = "") -> list[str]:
         try:
@@ -405,3 +419,52 @@ def make_private(layout: Layout) -> None:
                     os.chmod(os.path.join(root, name), 0o600)
         else:
             os.chmod(path, 0o600)
+
+
+# ---- the layout before per-volume prefixes -----------------------------------------------------
+
+async def legacy_replica(cfg: Config) -> bool:
+    """True when this volume's replica root is empty and the bucket holds a replica at the
+    pre-per-volume path `juicefs-metadata/` (shared by every volume of the bucket then)."""
+    bucket = Bucket(target_of(cfg), timeout=10.0)
+    if await bucket.any_key(replica_prefix(cfg.volume_name) + "/"):
+        return False
+    return await bucket.any_key(LEGACY_REPLICA_PREFIX + "/")
+
+
+def legacy_refusal(cfg: Config, fmt: dict[str, Any] | None) -> ConfigError:
+    """What to do about a legacy replica that may be this volume's (`fmt`: its format)."""
+    source = f"s3://{cfg.s3_bucket}/{LEGACY_REPLICA_PREFIX}/"
+    dest = f"s3://{cfg.s3_bucket}/{replica_prefix(cfg.volume_name)}/"
+    whose = (f"it is volume {fmt.get('Name')!r} (UUID {fmt.get('UUID')}, bucket "
+             f"{fmt.get('Bucket')})" if fmt else "its volume could not be read")
+    return ConfigError(
+        f"bucket {cfg.s3_bucket!r} is laid out by an older juicefs-fsm: the metadata replica is "
+        f"at {LEGACY_REPLICA_PREFIX}/ (shared by every volume of the bucket), not at "
+        f"{replica_prefix(cfg.volume_name)}/; {whose}. Nothing was changed. If it is this "
+        f"volume's, copy it to the new place and start again (the old keys may stay until you "
+        f"are satisfied): `aws s3 cp --recursive --endpoint-url {cfg.s3_endpoint_url} {source} "
+        f"{dest}`. If another volume used this bucket too, it holds only the last one's "
+        f"metadata: check the Name and UUID above before copying.")
+
+
+async def legacy_format(cfg: Config, log: Any) -> dict[str, Any] | None:
+    """The format (Name, UUID, Bucket) in the legacy replica's latest state, restored into a
+    scratch folder under base_dir that is removed afterwards. None when it cannot be read."""
+    from .litestream import LitestreamTool
+
+    class Legacy(LitestreamTool):
+        @property
+        def replica_location(self) -> str:
+            return LEGACY_REPLICA_PREFIX
+
+    scratch = Path(tempfile.mkdtemp(prefix="legacy-replica-", dir=cfg.base_dir))
+    try:
+        os.chmod(scratch, 0o700)  # the format holds the bucket's credentials
+        tool = Legacy(dataclasses.replace(cfg, base_dir=scratch), log)
+        tool.write_config()
+        if not await tool.restore():
+            return None
+        return read_format(tool.layout.metadata_db)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 from . import leftovers, metaengine, preflight, s3
 from .children import Children, Send, together, unwound_before_teardown
 from .config import Config
-from .errors import MissingPrerequisite, MountLost, NoSpace
+from .errors import ConfigError, MissingPrerequisite, MountLost, NoSpace
 from .juicefs import JuiceFSTool
+from .layout import LEGACY_REPLICA_PREFIX, control_key
 from .litestream import LitestreamTool
 from .proc import Child
 from .replication import Replication
@@ -49,6 +50,7 @@ class Startup:
         self.history = history
         self.send = send
         self.log = log
+        self.created_base_dir = False
 
     # ---- restoring_metadata ----------------------------------------------------------------
 
@@ -62,6 +64,7 @@ class Startup:
             if await asyncio.to_thread(s3.keep_or_set_aside, self.config, self.log):
                 await asyncio.to_thread(s3.make_private, self.layout)
                 return
+            await self._check_legacy_layout()
         elif self.layout.metadata_db.exists():
             self.log.info("metadata_kept", db=str(self.layout.metadata_db),
                           reason="local metadata.db present")
@@ -72,16 +75,36 @@ class Startup:
         self.log.info("metadata_restored" if restored else "metadata_replica_empty",
                       db=str(self.layout.metadata_db))
 
+    async def _check_legacy_layout(self) -> None:
+        """A bucket laid out by releases before the per-volume prefixes keeps the replica at
+        juicefs-metadata/: never ignored (the volume would be formatted anew over its data),
+        never moved unasked. Another volume's replica there is not ours: carry on."""
+        cfg = self.config
+        if not await with_s3(cfg, self.log, "legacy layout check",
+                             lambda: s3.legacy_replica(cfg)):
+            return
+        fmt = await with_s3(cfg, self.log, "legacy replica read",
+                            lambda: s3.legacy_format(cfg, self.log))
+        if fmt is not None and fmt.get("Name") != cfg.volume_name:
+            self.log.warning("legacy_replica_not_ours", volume=fmt.get("Name"),
+                             uuid=fmt.get("UUID"), prefix=LEGACY_REPLICA_PREFIX)
+            return
+        raise s3.legacy_refusal(cfg, fmt)
+
     async def _check_bucket(self) -> None:
         await s3.check_bucket(s3.target_of(self.config))
 
-    async def prepare(self) -> None:
-        """Checks that refuse before anything is created (fsm.preflight), prerequisites, this
-        base_dir's lock, what a controller that died left behind (fsm.leftovers), then the
-        directories and a free-space check."""
+    async def claim_base_dir(self) -> None:
+        """Checks that refuse before anything is created (fsm.preflight), prerequisites, and
+        this base_dir's lock."""
         await asyncio.to_thread(preflight.check_before_start, self.config)
         await asyncio.to_thread(self._claim_base_dir)
-        await leftovers.clear(self.config, self.log)
+
+    async def prepare(self, *, superseded: bool = False) -> None:
+        """What a controller that died left behind (fsm.leftovers: its mount is unmounted
+        without uploading anything when another machine has held the volume since), then the
+        directories and a free-space check."""
+        await leftovers.clear(self.config, self.log, flush=not superseded)
         await asyncio.to_thread(self._prepare_dirs)
 
     def _claim_base_dir(self) -> None:
@@ -93,8 +116,16 @@ class Startup:
         if not shutil.which("umount"):
             raise MissingPrerequisite("umount was not found on PATH; install util-linux "
                                       "(Debian/Ubuntu: apt-get install util-linux)")
+        self.created_base_dir = not self.layout.base_dir.exists()
         self.layout.base_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
+
+    def undo_claim(self) -> None:
+        """A start refused right after taking the lock (another machine holds the volume)
+        leaves nothing behind: a base_dir this start created is removed again."""
+        self.lock.release()
+        if self.created_base_dir:
+            shutil.rmtree(self.layout.base_dir, ignore_errors=True)
 
     def _prepare_dirs(self) -> None:
         lay = self.layout
@@ -131,12 +162,12 @@ class Startup:
     @unwound_before_teardown
     async def format_volume(self) -> None:
         if self.config.meta_url:
-            # Machines starting together: exactly one formats, the others join.
-            outcome = await metaengine.format_once(self.config, log=self.log)
-            self.log.info("volume_formatted" if outcome == "formatted" else "volume_joined",
-                          volume=self.config.volume_name,
-                          engine=metaengine.display_of(self.config.meta_url))
+            # Machines starting together: exactly one formats, the others join. format_once
+            # logs which (volume_formatted / volume_joined): one event per start.
+            await metaengine.format_once(self.config, log=self.log)
             return
+        if not self.config.local_mode:
+            await self._refuse_existing_data()
         # juicefs stores the credentials in the format: create the db owner-only first.
         db = self.layout.metadata_db
         os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -149,6 +180,25 @@ class Startup:
         await asyncio.to_thread(s3.make_private, self.layout)
         self.log.info("volume_formatted", volume=self.config.volume_name,
                       storage=self.config.mode)
+
+    async def _refuse_existing_data(self) -> None:
+        """Never format a new volume over one that exists: the replica answered "nothing to
+        restore", yet objects under the volume's prefix (other than the controller's own keys)
+        say a volume lived here. Formatting would start an empty tree over it (and its gc
+        could later delete the old data)."""
+        volume = self.config.volume_name
+        keys = await with_s3(self.config, self.log, "bucket listing",
+                             lambda: s3.Bucket(s3.target_of(self.config)).list_keys(
+                                 f"{volume}/"))
+        # Ours, and what a format that failed halfway may have written before.
+        harmless = (control_key(volume, ""), f"{volume}/juicefs_uuid", f"{volume}/testing")
+        found = sorted(k for k in keys if not k.startswith(harmless))
+        if found:
+            raise ConfigError(
+                f"volume {volume!r} has no metadata replica to restore, but the bucket holds "
+                f"its objects (e.g. {found[0]}): formatting would hide them. If its replica "
+                f"was lost, recover the metadata first (juicefs load from a `juicefs dump` "
+                f"backup); or use another volume_name")
 
     # ---- replicating -----------------------------------------------------------------------
 

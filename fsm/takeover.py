@@ -67,11 +67,12 @@ class Takeover:
             restored = await self.point.restore_checked(at, work / "restored" / "metadata.db")
             db, state_at = restored.db, restored.state_at
         except OutsideWindow:
-            # The watermark predates every restore point left (a holder that died before its
-            # first watermark): the latest state, if fsck finds all its objects.
+            # The watermark predates every restore point left (the holder's first watermark
+            # is taken before it formats a new volume): the oldest point, if fsck finds all
+            # its objects; the latest only when there is no oldest to try.
             self.log.warning("takeover_watermark_unavailable", watermark=iso(at))
-            await self.point.fsck(latest, "the latest replicated state")
-            db, state_at = latest, latest_at
+            db, state_at = await self._oldest(work / "oldest" / "metadata.db", latest,
+                                              latest_at)
         if db != latest:
             await asyncio.to_thread(bump_slice_counter, db, latest)
         await self.point.write_pointer({
@@ -101,6 +102,16 @@ class Takeover:
                                  lambda: self.litestream.restore_to(db, when))
         os.chmod(db, 0o600)
         return db, state_time(plan)
+
+    async def _oldest(self, db: Path, latest: Path, latest_at: datetime | None
+                      ) -> tuple[Path, datetime | None]:
+        window = await self.point.window()
+        if window.oldest is None:
+            await self.point.fsck(latest, "the latest replicated state")
+            return latest, latest_at
+        # Litestream lists whole seconds: the oldest point lies within the second after.
+        restored = await self.point.restore_checked(window.oldest + timedelta(seconds=1), db)
+        return restored.db, restored.state_at
 
     @staticmethod
     def _watermark(plan: dict[str, Any]) -> datetime:

@@ -35,7 +35,8 @@ from .logs import get_logger
 from .metrics import CONTENT_TYPE, Metrics
 
 if TYPE_CHECKING:
-    from .controller import JuiceFS, Transition
+    from .controller import JuiceFS
+    from .transitions import Transition
 
 StatusFn = Callable[[], dict[str, Any]]
 

@@ -98,8 +98,10 @@ def _stop_group(proc: subprocess.Popen[bytes], sig: int) -> None:
 class PostgresServer:
     """initdb + postgres in a folder of its own, loopback only, a password-protected role."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, durable: bool = False) -> None:
+        """`durable`: fsync as in production (bench/shared_engine.py); tests do without."""
         self.bindir = bindir
+        self.durable = durable
         self.user = "fsm"
         self.password = "pg" + secrets.token_hex(12)
         self.port = free_port()
@@ -164,11 +166,11 @@ class PostgresServer:
             pwfile.unlink()
         with open(self.log_path, "ab") as log:
             # Durability is not what these tests measure: fsync off keeps them fast.
+            fast = [] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                                            "-c", "full_page_writes=off"]
             self.proc = subprocess.Popen(
                 [self.bindir / "postgres", "-D", self.data, "-h", "127.0.0.1",
-                 "-p", str(self.port), "-k", sockets, "-c", "fsync=off",
-                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                 "-c", "max_connections=200"],
+                 "-p", str(self.port), "-k", sockets, *fast, "-c", "max_connections=200"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root,
                 start_new_session=True, **self._demote())
         deadline = time.monotonic() + BOOT_TIMEOUT

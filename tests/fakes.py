@@ -6,8 +6,11 @@ after the clone succeeded), nor held at a step while the test calls stop() or ch
 end-to-end tests use the real binaries.
 
 The fakes implement the methods `fsm.controller.JuiceFS` calls on `JuiceFSTool`,
-`LitestreamTool` and `Child`. The volume is a plain directory (`{base_dir}/data`), so clone is
-copytree and rmr is rmtree. A `World` keeps the bookkeeping the properties check: what is
+`LitestreamTool` and `Child`, and stand-ins for what a start after an unclean loss runs
+(`fake_takeover`: fsm.takeover restores the replica, which needs S3) and for a shared metadata
+engine's calls (`FakeEngine`: fsm.metaengine.format_once and volume_lock, which need a
+server). The volume is a plain directory (`{base_dir}/data`), so clone is copytree and rmr is
+rmtree. A `World` keeps the bookkeeping the properties check: what is
 "mounted", which fake processes "run", and which chart state was active at every call.
 Nothing sleeps: a held step waits on an asyncio.Event the test releases.
 """
@@ -18,7 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +42,28 @@ FAULTS = {
     "juicefs.rmr": "ready (delete) / restoring_checkpoint (rollback)",
     "litestream.sync": "checkpointing/restoring_checkpoint/ready (delete)",
     "juicefs.umount": "stopping/failed (flush fails; force is the fallback)",
+    "takeover.run": "taking_over",
+    "metaengine.format_once": "formatting (shared engine)",
 }
 
 START_FAULTS = ("litestream.restore", "juicefs.format", "litestream.start",
                 "litestream.wait_serving", "juicefs.start", "juicefs.wait_mounted",
-                "juicefs.mount_timeout")
+                "juicefs.mount_timeout", "metaengine.format_once")
 
 # Which chart states may run each recorded step: the state whose action owns it.
+# acquiring_lease (fsm.controller claim_volume: preflight, base_dir lock, leftovers, dirs, the
+# replica pointer) calls no adapter: litestream's config is written by restoring_metadata.
 TEARDOWN = frozenset({"stopping", "failed"})
+# `fence` is the action of the transition lease_lost: from an active state it runs between the
+# states (no leaf active: ""); in stopping/failed it is targetless and runs in place.
+FENCE = frozenset({""}) | TEARDOWN
 OWNERS: dict[str, frozenset[str]] = {
+    "takeover.run": frozenset({"taking_over"}),
+    "metaengine.format_once": frozenset({"formatting"}),
+    # The tree lock: checkpoint, restore and delete (fsm.operations).
+    "metaengine.volume_lock": frozenset({"checkpointing", "restoring_checkpoint", "ready"}),
+    "juicefs.kill_group": FENCE,
+    "litestream.kill_group": FENCE,
     "litestream.write_config": frozenset({"restoring_metadata"}),
     "litestream.restore": frozenset({"restoring_metadata"}),
     "juicefs.read_format": frozenset({"restoring_metadata"}),
@@ -95,6 +111,9 @@ class World:
     attached: bool = False           # a kernel mount exists at data/
     server: FakeChild | None = None  # the mount process serving it
     faults: dict[str, str] = field(default_factory=dict)  # step -> message, fires once
+    shared_engine: bool = False      # meta_url set: FakeEngine instead of format + litestream
+    tree_lock_holders: int = 0       # FakeEngine.volume_lock("tree") held by this many
+    overlaps: list[str] = field(default_factory=list)  # a tree lock taken while held
     hold_at: str | None = None
     reached: asyncio.Event | None = None
     release: asyncio.Event | None = None
@@ -204,6 +223,11 @@ class FakeChild:
 
     async def kill(self) -> None:
         self.world.record(f"{self.tool}.kill")
+        self.exit(-9)
+
+    def kill_group(self) -> None:
+        """SIGKILL of the process group (fsm.children.Children.kill_all: the fence)."""
+        self.world.record(f"{self.tool}.kill_group")
         self.exit(-9)
 
 
@@ -348,3 +372,41 @@ class FakeLitestream:
             raise _fail("litestream", "sync", message)
         if self.replicator is None or not self.replicator.running:
             raise _fail("litestream", "sync", "no litestream server is running", None)
+
+
+def fake_takeover(world: World, layout: Any) -> Callable[[], Coroutine[Any, Any, None]]:
+    """Stands in for fsm.takeover.Takeover.run: restores the replica to the lost holder's
+    watermark, i.e. a formatted metadata.db (the real one needs S3 and a replica)."""
+    async def run() -> None:
+        if message := await world.step("takeover.run"):
+            raise _fail("litestream", "restore (takeover)", message)
+        world.formatted = True
+        layout.metadata_db.write_text("fake metadata (taken over)")
+    return run
+
+
+class FakeEngine:
+    """Stands in for fsm.metaengine's format_once and volume_lock (the real ones talk to a
+    PostgreSQL or Redis server, tests/test_shared_engine.py)."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    async def format_once(self, cfg: Config, *, log: Any, **_: Any) -> str:
+        if message := await self.world.step("metaengine.format_once"):
+            raise _fail("juicefs", "format (shared engine)", message)
+        outcome = "joined" if self.world.formatted else "formatted"
+        self.world.formatted = True
+        return outcome
+
+    @contextlib.asynccontextmanager
+    async def volume_lock(self, cfg: Config, name: str, *, log: Any,
+                          **_: Any) -> AsyncIterator[None]:
+        await self.world.step("metaengine.volume_lock")
+        if self.world.tree_lock_holders:
+            self.world.overlaps.append(f"{name} lock taken while held ({self.world.where()})")
+        self.world.tree_lock_holders += 1
+        try:
+            yield
+        finally:
+            self.world.tree_lock_holders -= 1

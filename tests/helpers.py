@@ -132,3 +132,47 @@ def logging_restored() -> Iterator[None]:
         for lg, level, handlers in saved:
             lg.setLevel(level)
             lg.handlers = handlers
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0,
+                every: float = 0.05) -> float:
+    """wait_until for async tests: polls without blocking the event loop (a FaultyLink, or the
+    controller under test, runs on it). Returns the seconds it took."""
+    import asyncio
+
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(every)
+    return time.monotonic() - started
+
+
+def read_bounded(path: Path, timeout: float) -> tuple[str, bytes | None, float]:
+    """Read a file whole in a child process, so a read stuck in the kernel cannot hang the test:
+    ("ok", content, seconds), ("absent", None, s), ("error", None, s) for an I/O error, or
+    ("stuck", None, timeout) when it had not finished (the child is killed, and not waited
+    for: a process in uninterruptible sleep cannot be reaped)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "try:\n"
+            "    data = open(sys.argv[1], 'rb').read()\n"
+            "except FileNotFoundError:\n"
+            "    sys.exit(3)\n"
+            "except OSError as e:\n"
+            "    print(e, file=sys.stderr); sys.exit(4)\n"
+            "sys.stdout.buffer.write(data)\n")
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return "stuck", None, timeout
+    took = time.monotonic() - started
+    if proc.returncode == 0:
+        return "ok", out, took
+    return ("absent" if proc.returncode == 3 else "error"), None, took

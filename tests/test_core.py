@@ -74,9 +74,9 @@ async def test_the_whole_cycle_start_write_checkpoint_change_restore_stop(
     assert_nothing_left(jfs.layout.base_dir, pids)
     await jfs.stop()  # idempotent
     visited = [t.target for t in jfs.history]
-    assert visited == ["acquiring_lease", "restoring_metadata", "formatting", "replicating", "mounting", "ready",
-                       "checkpointing", "ready", "restoring_checkpoint", "ready", "stopping",
-                       "stopped"]
+    assert visited == ["acquiring_lease", "restoring_metadata", "formatting", "replicating",
+                       "mounting", "ready", "checkpointing", "ready", "restoring_checkpoint",
+                       "ready", "stopping", "stopped"]
 
 
 async def test_restore_brings_back_content_modes_owners_symlinks_and_empty_dirs(

@@ -32,8 +32,8 @@ def _graphviz() -> None:
 
 
 def _status(state: str, count: int = 3, error: str | None = None) -> dict[str, Any]:
-    path = ["uninitialized", "acquiring_lease", "restoring_metadata", "formatting", "replicating", "mounting",
-            "ready", "checkpointing", "ready"] * 3
+    path = ["uninitialized", "acquiring_lease", "restoring_metadata", "formatting",
+            "replicating", "mounting"] + ["ready", "checkpointing"] * 10
     transitions = []
     for i in range(count):
         at = NOW - timedelta(seconds=count - i)
@@ -112,7 +112,7 @@ def test_live_view_highlights_only_the_current_state() -> None:
 
 def test_live_caption_lists_the_last_transitions_with_their_errors() -> None:
     live = diagram.highlight_from_status(
-        _status("failed", count=14, error="juicefs (pid 7) exited with 1 while in use:\ntail"),
+        _status("failed", count=15, error="juicefs (pid 7) exited with 1 while in use:\ntail"),
         now=NOW)
     text = diagram.mermaid(live)
     note = text[text.index("note left of uninitialized"):]
@@ -120,7 +120,7 @@ def test_live_caption_lists_the_last_transitions_with_their_errors() -> None:
     assert listed[0] == "error: juicefs (pid 7) exited with 1 while in use:"
     assert listed[1] == f"last {diagram.CAPTION_TRANSITIONS} transitions (oldest first):"
     assert len(listed) == 2 + diagram.CAPTION_TRANSITIONS
-    assert "event-5" in listed[2]  # the oldest ones are left out
+    assert "event-6" in listed[2]  # the oldest ones are left out
     assert listed[-1].startswith("03:04:05.000  checkpointing \u2192 failed  [mount_lost]")
     assert listed[-1].endswith("  5 ms  error: juicefs (pid 7) exited with 1 while in use:")
     assert "tail" not in note  # one line per error

@@ -27,9 +27,9 @@ import pytest
 from fsm import metrics as metrics_module
 from fsm.chart import LEAF_STATES
 from fsm.config import Config, http_address
-from fsm.controller import Transition
 from fsm.errors import ConfigError
 from fsm.metrics import Metrics, lease_age
+from fsm.transitions import Transition
 from fsm.web import WebServer, chart_markup, is_loopback
 from tests.helpers import pid_alive, require, require_fuse
 

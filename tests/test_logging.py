@@ -57,7 +57,7 @@ def test_a_program_that_logs_at_info_sees_every_transition_and_no_chatter(tmp_pa
     lines = done.stderr.splitlines()
     transitions = [line for line in lines if line.startswith("INFO fsm transition ")]
     assert len(transitions) == int(done.stdout)
-    assert "from=uninitialized to=restoring_metadata trigger=start" in transitions[0]
+    assert "from=uninitialized to=acquiring_lease trigger=start" in transitions[0]
     assert "to=stopped" in transitions[-1]
     assert not [line for line in lines if "child_output" in line or "DEBUG" in line]
     assert all(line.startswith(("INFO fsm ", "WARNING fsm ")) for line in lines), lines

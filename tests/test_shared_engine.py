@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,13 +18,16 @@ from typing import Any
 import pytest
 import structlog
 
-from fsm import Config, JuiceFS
+from fsm import Config, JuiceFS, operations
 from fsm.cli import build_parser
 from fsm.errors import (
     ConfigError,
     EngineUnavailable,
+    HistoryOff,
+    LeaseHeld,
     MigrationFailed,
     OperationLocked,
+    StartError,
     VolumeMoved,
 )
 from fsm.juicefs import is_juicefs_mount
@@ -39,7 +43,14 @@ from fsm.metaengine import (
 )
 from fsm.migrate import check_not_moved, migrate_metadata, moved_file
 from tests.db_servers import PostgresServer, RedisServer
-from tests.helpers import require_fuse
+from tests.helpers import (
+    capture_events,
+    mount_pids,
+    mounts_under,
+    require_fuse,
+    running,
+    wait_until,
+)
 from tests.tree import make_rich_tree, snapshot
 
 LOG = structlog.get_logger("test")
@@ -98,6 +109,15 @@ def test_config_keeps_the_password_out_of_meta_url(tmp_path: Path) -> None:
 def test_time_travel_refused_with_a_shared_engine(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"point-in-time recovery.*history_hours to 0"):
         Config(base_dir=tmp_path, local_mode=True, meta_url="redis://h/1", history_hours=1)
+
+
+def test_writeback_refused_with_a_shared_engine(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="without writeback"):
+        Config(base_dir=tmp_path, local_mode=True, meta_url="redis://h/1", upload_delay=5)
+    cfg = Config(base_dir=tmp_path, local_mode=False, meta_url="redis://h/1", s3_bucket="b",
+                 s3_endpoint_url="http://127.0.0.1:1", s3_access_key="a",
+                 s3_secret_access_key="s")
+    assert cfg.effective_upload_delay == 0  # S3 mode's default 60 s is for writeback
 
 
 def test_cli_refuses_a_password_in_argv(capsys: pytest.CaptureFixture[str]) -> None:
@@ -311,6 +331,59 @@ async def test_migrate_round_trip(engine_url: str, local_config: Callable[..., C
     assert password not in moved_file(cfg).read_text()
     with pytest.raises(VolumeMoved):
         await migrate_metadata(cfg, engine_url)
+    await _refused_in_sqlite_mode(cfg, result.moved_to, password)
+
+
+async def _refused_in_sqlite_mode(cfg: Config, moved_to: str, password: str) -> None:
+    """A start of the moved volume in the SQLite mode: StartError(VolumeMoved), nothing left."""
+    jfs = JuiceFS(cfg)
+    with pytest.raises(StartError, match=f"moved to {re.escape(moved_to)}") as caught:
+        await jfs.start()
+    await jfs.stop()
+    assert isinstance(caught.value.cause, VolumeMoved)
+    assert password not in str(caught.value)
+    assert jfs.pids == {"juicefs": None, "litestream": None}
+    assert mounts_under(Path(cfg.base_dir)) == []
+
+
+async def test_migrate_s3_volume_and_run_it_on_the_engine(
+        postgres_server: PostgresServer, s3_config: Callable[..., Config],
+        tmp_path: Path) -> None:
+    """S3 mode: the move is made from a new base_dir (the metadata restored from the replica
+    first); afterwards the SQLite start is refused on every machine (the marker in the
+    bucket), and the engine runs the volume with its tree and checkpoint."""
+    require_fuse()
+    url = postgres_server.create_database()
+    password = parse_meta_url(url).password
+    first = s3_config(tmp_path / "m0", lease_ttl=4)
+    active, cp = await _sqlite_volume(first)
+    other = s3_config(tmp_path / "m1", lease_ttl=4)
+    with capture_events() as logs:
+        result = await migrate_metadata(other, url, log=LOG)
+    assert password not in json.dumps(logs, default=str)
+    assert _events(logs, "migrate_metadata_restored") and "restore" in result.steps
+    assert result.checkpoints == ["cp-1"]
+    for cfg in (first, other, s3_config(tmp_path / "m2", lease_ttl=4)):
+        await _refused_in_sqlite_mode(cfg, result.moved_to, password)
+    async with running(s3_config(tmp_path / "m0", meta_url=url)) as jfs:
+        assert snapshot(jfs.active_dir) == active
+        assert [c.id for c in await jfs.list_checkpoints()] == ["cp-1"]
+        (jfs.active_dir / "new.txt").write_text("written on the engine\n")
+        await jfs.restore("cp-1")
+        assert snapshot(jfs.active_dir) == cp
+
+
+async def test_migrate_refuses_a_volume_running_elsewhere(
+        postgres_server: PostgresServer, s3_config: Callable[..., Config],
+        tmp_path: Path) -> None:
+    """S3 mode: the lease says another machine runs the volume: LeaseHeld, nothing moved."""
+    require_fuse()
+    url = postgres_server.create_database()
+    async with running(s3_config(tmp_path / "m0", lease_ttl=4)):
+        with pytest.raises(LeaseHeld, match="in use by"):
+            await migrate_metadata(s3_config(tmp_path / "m1", lease_ttl=4), url, log=LOG)
+    assert await engine_status(_juicefs(), parse_meta_url(url), log=LOG) is None
+    await check_not_moved(s3_config(tmp_path / "m1", lease_ttl=4))
 
 
 async def test_failed_move_leaves_the_volume_as_it_was(
@@ -350,3 +423,146 @@ def test_migrate_cli(postgres_server: PostgresServer, tmp_path: Path) -> None:
     result = json.loads(done.stdout)
     assert result["moved_to"] == clean and result["checkpoints"] == ["cp-1"]
     assert password not in done.stdout + done.stderr
+
+
+# ---- machines sharing one volume (the JuiceFS API) ---------------------------------------------
+
+def _files_holding(root: Path, needle: str) -> list[str]:
+    """Files under `root` (not through a mount) whose bytes contain `needle`."""
+    found = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            try:
+                if needle.encode() in path.read_bytes():
+                    found.append(str(path))
+            except OSError:
+                continue
+    return found
+
+
+def _events(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e.get("event") == event]
+
+
+async def test_machines_share_one_volume(engine_url: str, s3_config: Callable[..., Config],
+                                         tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three machines (base_dirs, S3 mode: one bucket) on one engine, through the JuiceFS API:
+    started at the same moment (one formats, two join), write here read there, checkpoint
+    here list there, restore here see there, restores from two machines serialized by the
+    tree lock, time travel refused, one stops while another writes, the password nowhere."""
+    require_fuse()
+    password = parse_meta_url(engine_url).password
+    assert password
+    cfgs = [s3_config(tmp_path / f"m{i}", meta_url=engine_url) for i in range(3)]
+    machines = [JuiceFS(c) for c in cfgs]
+    a, b, c = machines
+    try:
+        with capture_events() as logs:
+            await asyncio.gather(*(m.start() for m in machines))
+            assert [m.state for m in machines] == ["ready"] * 3
+            assert len(_events(logs, "volume_formatted")) == 1
+            assert len(_events(logs, "volume_joined")) == 2
+            states = [e["to"] for e in _events(logs, "transition")
+                      if e.get("base_dir") == str(cfgs[0].base_dir)]
+            assert "restoring_metadata" not in states and "replicating" not in states
+            assert all(m.pids["litestream"] is None for m in machines)
+
+            # the password: not in any child's argv, status(), or the events
+            for m in machines:
+                for pid in mount_pids(m.layout.mount_point):
+                    argv = _cmdline(pid)
+                    assert password.encode() not in argv
+                    assert m.config.meta_url.encode() in argv
+                    assert b"--writeback" not in argv  # blocks in the bucket before close()
+                status = json.dumps(m.status())
+                assert password not in status
+                assert m.status()["engine"] == m.config.meta_url
+
+            # write here, read there
+            (a.active_dir / "hello.txt").write_text("from a\n")
+            (a.active_dir / "big.bin").write_bytes(os.urandom(3 << 20))
+            digest = _digest(a.active_dir / "big.bin")
+            assert (b.active_dir / "hello.txt").read_text() == "from a\n"
+            assert _digest(c.active_dir / "big.bin") == digest
+
+            # checkpoint here, list there
+            await a.checkpoint("cp-1")
+            assert [cp.id for cp in await b.list_checkpoints()] == ["cp-1"]
+            (b.active_dir / "after.txt").write_text("after the checkpoint\n")
+            (b.active_dir / "hello.txt").write_text("changed on b\n")
+
+            # restore here, see there
+            kept = await c.restore("cp-1")
+            assert kept.id.startswith("pre-restore-cp-1-")
+            # a's kernel may hold the old `active` entry for JuiceFS's 1 s entry cache
+            wait_until(lambda: not (a.active_dir / "after.txt").exists(),
+                       "a sees the tree c restored", timeout=5)
+            assert (a.active_dir / "hello.txt").read_text() == "from a\n"
+            assert (b.layout.checkpoints_dir / kept.id / "fs" / "after.txt").exists()
+
+            # restores from two machines at once: serialized by the tree lock
+            await a.checkpoint("cp-2")
+            await asyncio.gather(a.restore("cp-1"), b.restore("cp-2"))
+            held = [(e["event"], e.get("base_dir")) for e in logs
+                    if e.get("event") in ("lock_acquired", "lock_released")
+                    and e.get("lock") == "tree"]
+            assert len(held) >= 6  # c's restore, then a's and b's
+            for i in range(0, len(held), 2):  # acquired, released, acquired, released, ...
+                assert held[i][0] == "lock_acquired" and held[i + 1][0] == "lock_released"
+                assert held[i][1] == held[i + 1][1]
+            names = {cp.id for cp in await c.list_checkpoints()}
+            assert {"cp-1", "cp-2"} <= names and len(names) == 5
+
+            # a machine that holds the tree lock too long: a clear error after a bounded wait,
+            # nothing changed
+            before = snapshot(a.active_dir)
+            monkeypatch.setattr(operations, "TREE_LOCK_WAIT", 0.5)
+            async with volume_lock(cfgs[2], "tree", log=LOG):
+                with pytest.raises(OperationLocked, match=r"held by .* pid \d+ \(tree\)"):
+                    await a.restore("cp-1")
+                with pytest.raises(OperationLocked):
+                    await b.delete_checkpoint("cp-1")
+            assert a.state == "ready" and snapshot(a.active_dir) == before
+
+            # delete there, gone here
+            await b.delete_checkpoint("cp-2")
+            assert "cp-2" not in {cp.id for cp in await a.list_checkpoints()}
+
+            # time travel: refused, saying why and what to use instead
+            with pytest.raises(HistoryOff, match="point-in-time recovery"):
+                await a.list_restore_points()
+            with pytest.raises(HistoryOff, match="Litestream"):
+                await a.rollback("2020-01-01T00:00:00Z")
+
+            # one machine stops while another writes: the writer never notices
+            writing = asyncio.create_task(asyncio.to_thread(_write_files, b.active_dir, 40))
+            await c.stop()
+            assert c.state == "stopped" and not is_juicefs_mount(c.layout.mount_point)
+            written = await writing
+            assert [m.state for m in (a, b)] == ["ready", "ready"]
+            for name, data in written.items():
+                assert (a.active_dir / name).read_bytes() == data
+        assert password not in json.dumps(logs, default=str)
+    finally:
+        for m in machines:
+            await m.stop()
+    for cfg in cfgs:
+        assert mounts_under(Path(cfg.base_dir)) == []
+        assert _files_holding(Path(cfg.base_dir), password) == []
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def _write_files(folder: Path, count: int) -> dict[str, bytes]:
+    written = {}
+    for i in range(count):
+        data = os.urandom(64 << 10)
+        path = folder / f"w-{i:03d}.bin"
+        path.write_bytes(data)
+        written[path.name] = data
+    return written
