@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -31,6 +30,7 @@ from . import s3
 from .children import Send
 from .config import Config
 from .errors import LeaseLost
+from .juicefs import read_format, staged_blocks
 from .layout import replica_prefix
 from .lease import Acquired, Lease
 from .litestream import write_private
@@ -115,8 +115,16 @@ class Claim:
     def _set_aside_local(self) -> None:
         """The local metadata and staged blocks are not the volume's newest state: another
         machine held it since. Kept for salvage under set-aside/, never used or uploaded."""
+        fmt = read_format(self.layout.metadata_db)
+        if fmt is not None and not (fmt.get("Name") == self.config.volume_name and
+                                    s3.same_bucket(str(fmt.get("Bucket", "")),
+                                                   self.config.bucket_url)):
+            return  # another volume's files: not superseded (fsm.s3.keep_or_set_aside)
+        # Staged blocks are kept per volume UUID: only this volume's are superseded.
+        uuid = fmt.get("UUID") if fmt else None
         files = s3.metadata_files(self.layout)
-        staged = [p for p in self.layout.cache_dir.glob("*/rawstaging") if p.is_dir()]
+        staged = [p for p in self.layout.cache_dir.glob("*/rawstaging")
+                  if p.is_dir() and uuid in (None, p.parent.name)]
         if not files and not staged:
             return
         folder = s3.set_aside(self.layout)
@@ -189,13 +197,7 @@ def watermark(cache_dir: Path) -> datetime:
     older than the oldest block still staged references uploaded blocks only. Now, when nothing
     is staged. The holder's own clock, the clock litestream stamps the replica with."""
     now = datetime.now(timezone.utc)
-    oldest: float | None = None
-    for staging in cache_dir.glob("*/rawstaging"):
-        for root, _dirs, files in os.walk(staging):
-            for name in files:
-                with contextlib.suppress(FileNotFoundError):  # uploaded meanwhile
-                    mtime = os.stat(os.path.join(root, name)).st_mtime
-                    oldest = mtime if oldest is None else min(oldest, mtime)
+    _count, _size, oldest = staged_blocks(cache_dir)
     if oldest is None:
         return now
     return min(now, datetime.fromtimestamp(oldest, timezone.utc) - _WATERMARK_SLACK)

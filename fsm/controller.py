@@ -34,8 +34,10 @@ from .logs import get_logger
 from .operations import TreeOperations
 from .pointintime import PointInTime
 from .replication import Replication
+from .retry import with_s3
 from .rollback import Rollback, RollbackResult
 from .shutdown import Shutdown
+from .space import SpaceWatch
 from .startup import Startup
 from .takeover import Takeover
 from .timepoints import RestoreWindow, parse_time
@@ -86,6 +88,10 @@ class JuiceFS:
         self.children.extra_groups = self._time_travel.process_groups
         self._startup = Startup(cfg, juicefs, litestream, self.children, self._replication,
                                 self._lock, self._time_travel, self._send, log)
+        # Free space while mounted (fsm.space): said again while short (transitions clear it).
+        self._space = SpaceWatch(
+            cfg, lambda text: None if text == self._progress else self._report(text), log)
+        self._startup.space = self._space
         self._shutdown = Shutdown(cfg, juicefs, litestream, self.children, self._time_travel,
                                   self._report, log)
         self._operations = TreeOperations(cfg, juicefs, self.children, self._replication, log)
@@ -252,6 +258,7 @@ class JuiceFS:
             "time_travel": self._time_travel.status(),
             "lease": self._claim.status(),
             "takeover": self._takeover.report,
+            "space": self._space.status(),
             "engine": (metaengine.display_of(self.config.meta_url) if self.config.meta_url
                        else "sqlite+litestream"),
             "transitions": [t.to_json() for t in self.history],
@@ -312,8 +319,9 @@ class JuiceFS:
     @unwound_before_teardown
     async def claim_volume(self) -> None:
         await self._startup.claim_base_dir()
-        if not self.config.meta_url:
-            await migrate.check_not_moved(self.config)  # moved to a shared engine: refused
+        if not self.config.meta_url:  # moved to a shared engine: refused
+            await with_s3(self.config, self.log, "moved check",
+                          lambda: migrate.check_not_moved(self.config))
         try:
             await self._claim.acquire()
         except LeaseHeld:

@@ -89,6 +89,23 @@ def is_stale_mount(path: Path) -> bool:
     return False
 
 
+def staged_blocks(cache_dir: Path) -> tuple[int, int, float | None]:
+    """Writeback blocks written to the volume but not uploaded yet, read from the disk
+    (`cache/<uuid>/rawstaging/`, works with no mount): (count, bytes, oldest mtime)."""
+    count = size = 0
+    oldest: float | None = None
+    for staging in cache_dir.glob("*/rawstaging"):
+        for root, _dirs, files in os.walk(staging):
+            for name in files:
+                try:  # uploaded (and removed) meanwhile
+                    st = os.stat(os.path.join(root, name))
+                except FileNotFoundError:
+                    continue
+                count, size = count + 1, size + st.st_size
+                oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+    return count, size, oldest
+
+
 def read_format(db: Path) -> dict[str, Any] | None:
     """The volume's format (jfs_setting row 'format'), or None when the db is not formatted."""
     if not db.exists():

@@ -8,8 +8,8 @@ What this module gives the controller (docs/shared-engine.md):
 - `volume_exists`: `juicefs status` (a few ms); False only for "not formatted".
 - `format_once`: format only when the engine holds no volume, exactly once when several
   machines start at the same moment, under `volume_lock(cfg, "format")`.
-- `volume_lock`: a cross-machine lock for operations that replace or remove trees (restore,
-  delete) and for format: a conditional-write object in the bucket (S3 mode), an flock()ed
+- `volume_lock`: a cross-machine lock for operations on trees (checkpoint, restore, delete)
+  and for format: a conditional-write object in the bucket (S3 mode), an flock()ed
   file beside the volume's data (local mode).
 
 Why the lock and not juicefs's own behaviour: three `juicefs format` started together on one

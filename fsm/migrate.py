@@ -7,6 +7,10 @@ under `{volume}/fsm/` in S3 mode, and in base_dir). Only then is the move done: 
 a start in the SQLite mode is refused (`check_not_moved`), since two metadata copies writing
 one bucket would corrupt it.
 
+The source is base_dir's metadata.db or, when there is none, the replica restored first (as a
+start would). In S3 mode the volume's lease is held for the move (LeaseHeld while another machine
+runs it; a volume not stopped cleanly is refused: its takeover is a start's job).
+
 Nothing on the SQLite side is changed, whatever fails: metadata.db is only read, and the
 replica in the bucket is not touched. The data objects stay where they are and are shared by
 both metadata copies; that is why the target is never cleaned with `juicefs destroy` (it would

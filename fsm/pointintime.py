@@ -25,6 +25,7 @@ from .errors import BrokenRestorePoint, OutsideWindow, TimeTravelError, ToolErro
 from .juicefs import JuiceFSTool
 from .layout import Layout, control_key
 from .litestream import LitestreamTool, write_private
+from .proc import run
 from .retry import with_s3
 from .timepoints import SNAPSHOT_LEVEL, RestoreWindow, iso, state_time
 
@@ -60,17 +61,23 @@ class PointInTime:
         return RestoreWindow.from_ltx(files, replica=self.litestream.replica_location,
                                       history_hours=self.config.history_hours)
 
-    async def restore_checked(self, at: datetime, db: Path) -> Restored:
-        """Restore the metadata as it was at `at` into `db` (a new file, owner-only) and check
-        with fsck that every object it references exists. Refused before anything mounts."""
+    async def restore_checked(self, at: datetime, db: Path, *,
+                              txid: str | None = None) -> Restored:
+        """Restore the metadata as it was at `at` (or, given `txid`, up to that transaction)
+        into `db` (a new file, owner-only) and check with fsck that every object it references
+        exists. Refused before anything mounts."""
         db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        when = iso(at)
+        when = iso(at) if txid is None else f"transaction {txid}"
         litestream = self.litestream
+
+        def restore(dry_run: bool) -> Any:
+            if txid is None:
+                return litestream.restore_to(db, iso(at), dry_run=dry_run)
+            return self._restore_txid(db, txid, dry_run)
+
         try:
-            plan = await self.s3_step("restore plan",
-                                      lambda: litestream.restore_to(db, when, dry_run=True))
-            summary = await self.s3_step("point-in-time restore",
-                                         lambda: litestream.restore_to(db, when))
+            plan = await self.s3_step("restore plan", lambda: restore(True))
+            summary = await self.s3_step("point-in-time restore", lambda: restore(False))
         except ToolError as exc:
             if _NOT_AVAILABLE.search(exc.stderr_tail):
                 raise OutsideWindow(f"no restore point at or before {when} in the replica "
@@ -90,6 +97,18 @@ class PointInTime:
         self.log.info("metadata_restored_at", at=when, txid=txid, db=str(db),
                       state_at=iso(restored.state_at) if restored.state_at else None)
         return restored
+
+    async def _restore_txid(self, db: Path, txid: str, dry_run: bool) -> dict[str, Any]:
+        """`litestream restore -txid` (the adapter restores by time only): the state right
+        after one transaction, finer than the whole seconds the replica's listing gives."""
+        lt = self.litestream
+        argv = [lt.bin, "restore", "-config", str(lt.layout.litestream_config), "-json",
+                "-txid", txid, "-o", str(db), *(["-dry-run"] if dry_run else []),
+                str(lt.layout.metadata_db)]
+        done = await run("litestream", "restore (transaction)", argv, env=lt.env, log=self.log,
+                         secrets=lt.secrets, timeout=600)
+        summary = json.loads(done.stdout) if done.stdout.strip() else {}
+        return summary if isinstance(summary, dict) else {}
 
     async def fsck(self, db: Path, when: str) -> None:
         try:

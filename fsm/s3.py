@@ -458,7 +458,8 @@ async def legacy_format(cfg: Config, log: Any) -> dict[str, Any] | None:
         def replica_location(self) -> str:
             return LEGACY_REPLICA_PREFIX
 
-    scratch = Path(tempfile.mkdtemp(prefix="legacy-replica-", dir=cfg.base_dir))
+    # Short: its litestream.sock must fit a unix socket path (Config checks base_dir's length).
+    scratch = Path(tempfile.mkdtemp(prefix="lr-", dir=cfg.base_dir))
     try:
         os.chmod(scratch, 0o700)  # the format holds the bucket's credentials
         tool = Legacy(dataclasses.replace(cfg, base_dir=scratch), log)

@@ -7,7 +7,6 @@ waits short. Returns what it could not do; it never raises for a child that will
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import signal
 import time
@@ -18,7 +17,7 @@ from . import s3
 from .children import Children, best_effort
 from .config import Config
 from .errors import FsmError, S3Unavailable, ToolError
-from .juicefs import JuiceFSTool, remove_handover_files
+from .juicefs import JuiceFSTool, remove_handover_files, staged_blocks
 from .litestream import LitestreamTool
 from .logs import ms_since
 from .proc import Child, holders, named
@@ -57,6 +56,7 @@ class Shutdown:
         self.hurried = asyncio.Event()
         self.offline = False
         self.flush_incomplete = False
+        self.unflushed_because = ""
         self.still_mounted = False
         self.left_behind = False  # something of ours still mounted or running after teardown
 
@@ -132,6 +132,8 @@ class Shutdown:
                         f"and was killed: what it had not yet written to "
                         f"{self.layout.cache_dir}/*/rawstaging may be lost (is the cache "
                         f"disk full?)")
+        if unmounted:
+            problems += self._not_uploaded()
         for retired in self.children.retired_mounts:
             await self.stop_child(retired, MOUNT_EXIT_GRACE)  # normally exited already
         for supervisor in [*self.children.retired_mounts, *([mount] if mount else [])]:
@@ -149,6 +151,9 @@ class Shutdown:
         try:
             if await self.unless_hurried(self._umount_flush()):
                 self.log.info("unmounted", flush=True, duration_ms=ms_since(started))
+                if self.flush_incomplete:  # what is left is counted once the mount is gone
+                    self.unflushed_because = (f"the upload did not finish within flush_timeout "
+                                              f"({self.config.flush_timeout:g} s)")
                 return []
             self.log.warning("unmount_flush_skipped", reason="stop hurried")
             why = "the stop was hurried (a second signal)"
@@ -156,28 +161,38 @@ class Shutdown:
             self.log.warning("unmount_flush_failed", error=str(exc))
             why = f"`juicefs umount --flush` failed ({exc.action}: {exc.returncode})"
         # Only after the bounded flush and busy wait: force ends the mount under programs still
-        # inside, and what they have not flushed is lost; so it is the fallback.
+        # inside (they get ENOTCONN; the mount flushes what it accepted, and exits). What is
+        # then left unuploaded is counted on disk once the mount is gone (_not_uploaded).
+        self.unflushed_because = why
         await best_effort(self.juicefs.force_unmount(), self.log, "unmount_force")
-        return [f"the volume was force-unmounted because {why}: blocks not yet uploaded stay in "
-                f"{self.layout.cache_dir}/*/rawstaging (the next start uploads them), and what "
-                f"programs had not flushed may be lost"]
+        return []
+
+    def _not_uploaded(self) -> list[str]:
+        """A stop says what it could not upload: blocks still in rawstaging once the mount
+        process is gone (after a clean `umount --flush` there are none)."""
+        count, size, _oldest = staged_blocks(self.layout.cache_dir)
+        if not count:
+            return []
+        why = "S3 was unreachable" if self.offline else self.unflushed_because or "the flush " \
+            "did not finish"
+        self.log.warning("stop_not_uploaded", blocks=count, bytes=size, reason=why)
+        if self.hurried.is_set():
+            return []  # asked for (hurry(): a second signal, exit 6), so not a failure
+        return [f"{count} written blocks ({size / 2**20:.1f} MiB) were not uploaded ({why}): "
+                f"they stay in {self.layout.cache_dir}/*/rawstaging, and the next start here "
+                f"uploads them"]
 
     async def _offline_unmount(self) -> list[str]:
         """S3 is unreachable: unmount without waiting for uploads that cannot happen. The
-        staged blocks stay in rawstaging, where the next mount finds and uploads them."""
-        left = {"blocks": 0, "bytes": 0}
-        with contextlib.suppress(OSError, ValueError):
-            left = await self.juicefs.staging()
+        staged blocks stay in rawstaging, where the next mount finds and uploads them (they
+        are counted once the mount is gone: _not_uploaded)."""
         try:
             await self.juicefs.umount(flush=False, timeout=OFFLINE_UNMOUNT)
         except ToolError as exc:
             self.log.warning("unmount_failed", error=str(exc))
             await best_effort(self.juicefs.force_unmount(), self.log, "unmount_force")
-        self.log.warning("unmounted_offline", blocks_left=left["blocks"],
-                         bytes_left=left["bytes"])
-        return [f"S3 was unreachable: {left['blocks']} written blocks "
-                f"({left['bytes'] / 2**20:.1f} MiB) stayed in {self.layout.cache_dir}/*/"
-                f"rawstaging, not uploaded; the next start here uploads them once S3 is back"]
+        self.log.warning("unmounted_offline")
+        return []
 
     async def _umount_flush(self) -> None:
         """`juicefs umount --flush`. A busy mount point (a shell or program still inside) is

@@ -212,6 +212,9 @@ class Startup:
 
     # ---- mounting --------------------------------------------------------------------------
 
+    # fsm.space.SpaceWatch, set by the controller: free space is watched while mounted.
+    space: Any = None
+
     @unwound_before_teardown
     async def mount_volume(self) -> None:
         if self.juicefs.is_stale():
@@ -233,6 +236,8 @@ class Startup:
         self.layout.active_dir.mkdir(parents=True, exist_ok=True)
         self.layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         self._watch_mount(child)
+        if self.space is not None:  # a full disk makes writes wait silently: say it
+            self.children.background(self.space.run())
 
     def _watch_mount(self, child: Child) -> None:
         async def lost(rc: int) -> None:

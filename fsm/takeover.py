@@ -32,7 +32,7 @@ from .history import fresh_dir, names_in, remove_tree
 from .litestream import LitestreamTool
 from .logs import ms_since
 from .pointintime import PointInTime, bump_slice_counter
-from .timepoints import iso, parse_time, state_time, utc_now
+from .timepoints import SNAPSHOT_LEVEL, iso, parse_time, state_time, utc_now
 
 
 class Takeover:
@@ -105,12 +105,18 @@ class Takeover:
 
     async def _oldest(self, db: Path, latest: Path, latest_at: datetime | None
                       ) -> tuple[Path, datetime | None]:
-        window = await self.point.window()
-        if window.oldest is None:
+        """The replica's first complete state (the snapshot litestream took when the holder
+        started it, by transaction: the listing's whole seconds are too coarse to tell it from
+        the first writes), if fsck finds all its objects."""
+        files = await self.point.s3_step("history listing", self.litestream.ltx_files)
+        starts = [f for f in files if int(f["level"]) == SNAPSHOT_LEVEL
+                  or int(str(f["min_txid"]), 16) == 1]
+        if not starts:
             await self.point.fsck(latest, "the latest replicated state")
             return latest, latest_at
-        # Litestream lists whole seconds: the oldest point lies within the second after.
-        restored = await self.point.restore_checked(window.oldest + timedelta(seconds=1), db)
+        first = min(starts, key=lambda f: (str(f["timestamp"]), int(str(f["max_txid"]), 16)))
+        restored = await self.point.restore_checked(
+            parse_time(str(first["timestamp"])), db, txid=str(first["max_txid"]))
         return restored.db, restored.state_at
 
     @staticmethod

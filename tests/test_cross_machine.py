@@ -27,7 +27,7 @@ from fsm import Config, JuiceFS, LeaseHeld, StartError, StopError
 from fsm.errors import ConfigError
 from fsm.juicefs import S3_READ_BOUND, mount_fstype
 from fsm.s3 import _store, list_keys_sync
-from tests.helpers import capture_events, read_bounded, running, until
+from tests.helpers import capture_events, read_bounded, running, until, wait_until
 from tests.s3_server import FaultyLink, S3Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.s3]
@@ -54,8 +54,8 @@ def write_files(folder: Path, prefix: str, count: int, size: int) -> dict[str, s
     return written
 
 
-def staged_blocks(base_dir: Path) -> list[Path]:
-    return [p for p in (base_dir / "cache").glob("*/rawstaging/**/*") if p.is_file()]
+def staged_blocks(base_dir: Path | str) -> list[Path]:
+    return [p for p in (Path(base_dir) / "cache").glob("*/rawstaging/**/*") if p.is_file()]
 
 
 def lease_body(cfg: Config) -> dict[str, Any]:
@@ -73,8 +73,9 @@ def keys(cfg: Config, prefix: str = "") -> list[str]:
     return list_keys_sync(_target(cfg), prefix)
 
 
-def lose_machine(base_dir: Path) -> None:
+def lose_machine(base_dir: Path | str) -> None:
     """The machine is gone: its (dead) mount detached, its disk deleted."""
+    base_dir = Path(base_dir)
     if mount_fstype(base_dir / "data") is not None:
         subprocess.run(["umount", "-l", str(base_dir / "data")], check=False)
     shutil.rmtree(base_dir)
@@ -141,8 +142,9 @@ class Machine:
     def clean_up(self) -> None:
         if self.proc.poll() is None:
             self.kill_everything()
-        if self.cfg.base_dir.exists() and mount_fstype(self.cfg.base_dir / "data"):
-            subprocess.run(["umount", "-l", str(self.cfg.base_dir / "data")], check=False)
+        data = Path(self.cfg.base_dir) / "data"
+        if data.parent.exists() and mount_fstype(data):
+            subprocess.run(["umount", "-l", str(data)], check=False)
 
 
 @pytest.fixture
@@ -245,8 +247,9 @@ async def test_a_bucket_of_the_old_layout_is_refused_with_what_to_do(
             f"s3://{b.s3_bucket}/juicefs-metadata/ s3://{b.s3_bucket}/old-vol/metadata/"
             in message)
     assert keys(cfg, "juicefs-metadata/") == legacy  # never deleted, never moved
-    assert not b.layout.metadata_db.exists()
-    assert not list(b.base_dir.glob("legacy-replica-*"))  # the scratch restore is gone
+    left = await asyncio.to_thread(
+        lambda: (b.layout.metadata_db.exists(), list(Path(b.base_dir).glob("legacy-*"))))
+    assert left == (False, []), left  # nothing restored; the scratch restore is gone
 
     # Done as the message says: the volume comes back whole.
     for key in legacy:
@@ -376,7 +379,8 @@ async def test_a_machine_killed_mid_write_is_taken_over_and_every_file_reads_who
 
     # A read of what the lost machine never uploaded, as its latest metadata has it: bounded
     # by S3_READ_BOUND (it blocked for more than 10 minutes with JuiceFS's defaults).
-    outcome, took = await read_missing(b, kept[0], sorted(later)[0], tmp_path)
+    outcome, took = await asyncio.to_thread(read_missing, b, kept[0], sorted(later)[0],
+                                            tmp_path)
     print(f"read of a missing object with {' '.join(S3_READ_BOUND)}: {outcome} after "
           f"{took:.1f}s")
     record_property("missing_object_read_seconds", round(took, 1))
@@ -395,8 +399,7 @@ async def in_bucket(cfg: Config, name: str, scratch: Path) -> bool:
     import structlog
 
     from fsm.litestream import LitestreamTool
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    await asyncio.to_thread(_fresh, scratch)
     tool = LitestreamTool(Config(**{**_fields(cfg), "base_dir": scratch}),
                           structlog.get_logger("test"))
     tool.write_config()
@@ -420,26 +423,28 @@ async def until_async(condition: Callable[[], Any], what: str, timeout: float) -
         await asyncio.sleep(0.2)
 
 
-async def read_missing(cfg: Config, db: Path, name: str, tmp_path: Path) -> tuple[str, float]:
+def _fresh(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+
+def read_missing(cfg: Config, db: Path, name: str, tmp_path: Path) -> tuple[str, float]:
     """Mount a copy of `db` read-only as the controller would mount the volume (the same read
-    bounds), and read `name` whose blocks are not in the bucket."""
+    bounds), and read `name` whose blocks are not in the bucket. Blocking: run it in a thread."""
+    from fsm.metaengine import engine_env
+
     work = tmp_path / "missing-read"
     (work / "mp").mkdir(parents=True)
     copy = work / "meta.db"
     shutil.copy(db, copy)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": cfg.s3_access_key,
-           "AWS_SECRET_ACCESS_KEY": cfg.s3_secret_access_key}
-    from fsm.juicefs import engine_env
-    env.update(engine_env(cfg))
     mount = subprocess.Popen(
-        [str(cfg.juicefs_bin), "mount", f"sqlite3://{copy}", str(work / "mp"), "--read-only", "--no-bgjob",
-         "--backup-meta", "0", "--cache-dir", str(work / "cache"), "--no-usage-report",
-         *S3_READ_BOUND], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+        [str(cfg.juicefs_bin), "mount", f"sqlite3://{copy}", str(work / "mp"), "--read-only",
+         "--no-bgjob", "--backup-meta", "0", "--cache-dir", str(work / "cache"),
+         "--no-usage-report", *S3_READ_BOUND], env={**os.environ, **engine_env(cfg)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        await until(lambda: mount_fstype(work / "mp") is not None, "the read-only mount", 30)
-        outcome, _data, took = await asyncio.to_thread(
-            read_bounded, work / "mp" / "active" / "fs" / name, 300.0)
+        wait_until(lambda: mount_fstype(work / "mp") is not None, "the read-only mount", 30)
+        outcome, _data, took = read_bounded(work / "mp" / "active" / "fs" / name, 300.0)
         return outcome, took
     finally:
         subprocess.run(["umount", "-l", str(work / "mp")], check=False)
@@ -450,18 +455,42 @@ async def read_missing(cfg: Config, db: Path, name: str, tmp_path: Path) -> tupl
 
 # ---- S3 unreachable --------------------------------------------------------------------------
 
+def local_state(cfg: Config) -> dict[str, Any]:
+    """What a refused start must not touch: the metadata, the staged blocks, set-aside/."""
+    db = cfg.layout.metadata_db
+    return {"db": (db.stat().st_ino, db.stat().st_mtime_ns) if db.exists() else None,
+            "staged": sorted(p.name for p in staged_blocks(cfg.base_dir)),
+            "set_aside": sorted(str(p) for p in cfg.layout.set_aside_dir.rglob("*"))}
+
+
+# Through a FaultyLink, the mount's reads from S3 are served on this test's event loop: every
+# file operation on the mount runs in a thread, or it would wait on itself.
+
+async def text_of(path: Path) -> str:
+    return await asyncio.to_thread(path.read_text)
+
+
+async def sha_of(path: Path) -> str:
+    return digest(await asyncio.to_thread(path.read_bytes))
+
+
+async def listing(folder: Path) -> list[str]:
+    return sorted(await asyncio.to_thread(os.listdir, folder))
+
+
 async def test_a_holder_cut_off_from_s3_fences_itself_and_its_stranded_blocks_are_set_aside(
         fuse: None, s3_config: Callable[..., Config], machines: Callable[..., Machine],
         link: FaultyLink, tmp_path: Path) -> None:
     ttl = 4.0
+    a = s3_config(tmp_path / "a", lease_ttl=ttl, upload_delay=0,
+                  s3_endpoint_url=link.endpoint)
+    async with running(a) as jfs:
+        (jfs.active_dir / "uploaded.txt").write_text("before")
     a = s3_config(tmp_path / "a", lease_ttl=ttl, upload_delay=300,
                   s3_endpoint_url=link.endpoint)
     daemon = machines(a)
     await daemon.ready()
-    (a.layout.active_dir / "uploaded.txt").write_text("before")
-    await until_async(lambda: in_bucket(a, "uploaded.txt", tmp_path / "probe"),
-                      "the first file's metadata replicated", 10)
-    stranded = write_files(a.layout.active_dir, "stranded", 2, 300_000)
+    stranded = await asyncio.to_thread(write_files, a.layout.active_dir, "stranded", 2, 300_000)
     await until(lambda: len(staged_blocks(a.base_dir)) >= 2, "blocks staged")
     await link.partition()
     cut = time.monotonic()
@@ -483,10 +512,11 @@ async def test_a_holder_cut_off_from_s3_fences_itself_and_its_stranded_blocks_ar
     with capture_events() as events:
         async with running(b) as jfs:
             assert named(events, "lease_acquired")[0]["how"] == "takeover"
-            assert (jfs.active_dir / "uploaded.txt").read_text() == "before"
-            (jfs.active_dir / "from-b.txt").write_text("b")
-            tree_b = sorted(os.listdir(jfs.active_dir))
+            assert await text_of(jfs.active_dir / "uploaded.txt") == "before"
+            await asyncio.to_thread((jfs.active_dir / "from-b.txt").write_text, "b")
+            tree_b = await listing(jfs.active_dir)
             # The fenced machine comes back while B runs: refused, nothing of its own moved.
+            before = local_state(a)
             again = JuiceFS(s3_config(tmp_path / "a", lease_ttl=ttl, upload_delay=0,
                                       s3_endpoint_url=link.endpoint))
             with pytest.raises(StartError) as refused:
@@ -494,24 +524,24 @@ async def test_a_holder_cut_off_from_s3_fences_itself_and_its_stranded_blocks_ar
             await again.stop()
             assert isinstance(refused.value.cause, LeaseHeld)
             assert str(b.base_dir) in str(refused.value)
-            assert a.layout.metadata_db.exists() and not a.layout.set_aside_dir.exists()
+            assert local_state(a) == before, "the refused start changed nothing of A's"
     # After B's clean stop it starts at once, with B's tree; its stranded blocks set aside.
     a_again = s3_config(tmp_path / "a", lease_ttl=ttl, upload_delay=0,
                         s3_endpoint_url=link.endpoint)
     with capture_events() as events:
         async with running(a_again) as jfs:
-            assert sorted(os.listdir(jfs.active_dir)) == tree_b
+            assert await listing(jfs.active_dir) == tree_b
             for name in stranded:
-                assert name not in tree_b or digest(
-                    (jfs.active_dir / name).read_bytes()) == stranded[name]
+                assert name not in tree_b or await sha_of(jfs.active_dir / name) == stranded[name]
     assert named(events, "superseded_set_aside")
     aside = [p for p in a.layout.set_aside_dir.glob("*/rawstaging-*/**/*") if p.is_file()]
     assert {p.name for p in aside} == blocks
     assert staged_blocks(a.base_dir) == []
-    # Never uploaded: no object of the volume carries a stranded block's slice id.
-    stranded_ids = {n.split("_")[0] for n in blocks}
-    uploaded_ids = {k.rsplit("/", 1)[-1].split("_")[0] for k in keys(a, "test-volume/chunks/")}
-    assert not stranded_ids & uploaded_ids
+    # Never uploaded: no object of the volume is a stranded block (names are <slice>_<index>_
+    # <size>; B may reuse a slice id whose counter bump A never replicated: not its blocks).
+    uploaded = {k.rsplit("/", 1)[-1]
+                for k in await asyncio.to_thread(keys, a, "test-volume/chunks/")}
+    assert uploaded and not blocks & uploaded
 
 
 async def test_a_stop_without_s3_returns_in_seconds_and_the_next_start_uploads_everything(
@@ -522,10 +552,11 @@ async def test_a_stop_without_s3_returns_in_seconds_and_the_next_start_uploads_e
     jfs = JuiceFS(cfg)
     await jfs.start()
     try:
-        written = write_files(jfs.active_dir, "kept", 3, 400_000)
+        written = await asyncio.to_thread(write_files, jfs.active_dir, "kept", 3, 400_000)
         await until(lambda: len(staged_blocks(cfg.base_dir)) >= 3, "blocks staged")
         await link.partition()
-        (jfs.active_dir / "last.txt").write_text("unreplicated")  # no S3 to replicate it to
+        # No S3 to replicate it to (the write itself is local).
+        await asyncio.to_thread((jfs.active_dir / "last.txt").write_text, "unreplicated")
         written["last.txt"] = digest(b"unreplicated")
         started = time.monotonic()
         with pytest.raises(StopError) as stopped:
@@ -535,21 +566,22 @@ async def test_a_stop_without_s3_returns_in_seconds_and_the_next_start_uploads_e
         await link.heal()
     message = str(stopped.value)
     assert stop_s < 10, stop_s
-    assert "S3 was unreachable: 3 written blocks" in message and "rawstaging" in message
+    assert "S3 was unreachable: 4 written blocks (1.1 MiB) stayed in" in message  # 3 + last
+    assert "rawstaging, not uploaded" in message
     assert "the last metadata transactions stayed in" in message
     assert len(staged_blocks(cfg.base_dir)) >= 3 and cfg.layout.metadata_db.exists()
     assert jfs.state == "stopped" and mount_fstype(cfg.layout.mount_point) is None
-    assert lease_body(cfg)["released"] is False  # not a clean hand-over
+    assert (await asyncio.to_thread(lease_body, cfg))["released"] is False  # not clean
 
     # The same process starts again once S3 is back, and uploads what stayed.
     async with running(cfg) as again:
         assert again.status()["lease"]["how"] == "own"
         for name, sha in written.items():
-            assert digest((again.active_dir / name).read_bytes()) == sha
+            assert await sha_of(again.active_dir / name) == sha
     assert staged_blocks(cfg.base_dir) == []
     lose_machine(cfg.base_dir)
     async with running(s3_config(tmp_path / "b", lease_ttl=TTL, upload_delay=0,
                                  s3_endpoint_url=link.endpoint)) as other:
-        assert sorted(os.listdir(other.active_dir)) == sorted(written)
+        assert await listing(other.active_dir) == sorted(written)
         for name, sha in written.items():
-            assert digest((other.active_dir / name).read_bytes()) == sha
+            assert await sha_of(other.active_dir / name) == sha
