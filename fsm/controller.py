@@ -28,7 +28,7 @@ from .config import Config
 from .copies import Copies
 from .errors import FsmError, LeaseHeld, LeaseLost, NotReadyError, StartError, StopError
 from .history import Browse, TimeTravel, TravelOp
-from .juicefs import JuiceFSTool
+from .juicefs import JuiceFSTool, staged_blocks
 from .litestream import LitestreamTool
 from .logs import get_logger
 from .operations import TreeOperations
@@ -72,7 +72,9 @@ class JuiceFS:
         self._progress_observers: list[ProgressObserver] = []
         self._progress = ""
         self._wire()
-        self._chart = Lifecycle(model=self, state_field="_chart_configuration")
+        # The rollback's steps are actions of a listener (fsm.rollback), not one-line copies.
+        self._chart = Lifecycle(model=self, state_field="_chart_configuration",
+                                listeners=[self._rollback])
 
     def _wire(self) -> None:
         cfg, log, juicefs, litestream = self.config, self.log, self.juicefs, self.litestream
@@ -397,36 +399,6 @@ class JuiceFS:
     async def close_history(self, op: TravelOp) -> None:
         await self._time_travel.close(op)
 
-    async def prepare_rollback(self, op: TravelOp) -> TravelOp:
-        return await self._rollback.prepare(op)
-
-    def rollback_failing(self) -> bool:
-        return self._rollback.failing
-
-    async def stop_live_volume(self) -> TravelOp:
-        return await self._rollback.stop_live()
-
-    async def swap_metadata(self) -> TravelOp:
-        return await self._rollback.swap()
-
-    async def replicate_new_path(self) -> TravelOp:
-        return await self._rollback.replicate()
-
-    async def remount_volume(self) -> TravelOp:
-        return await self._rollback.remount()
-
-    async def carry_over(self) -> TravelOp:
-        return await self._rollback.carry_over()
-
-    async def commit_rollback(self) -> TravelOp:
-        return await self._rollback.commit()
-
-    async def collect_garbage(self) -> TravelOp:
-        return await self._rollback.collect_garbage()
-
-    async def undo_rollback(self) -> TravelOp:
-        return await self._rollback.undo()
-
     # ---- chart actions: stop and failure (fsm.shutdown) -------------------------------------
 
     async def shut_down(self) -> None:
@@ -479,9 +451,18 @@ class JuiceFS:
         if problems:
             self._stop_problems = problems
             self.log.error("cleanup_incomplete", problems=problems)
-        # A failed volume may have left writes staged or unreplicated: never a clean hand-over.
-        await self._claim.release(clean=False)
+        await self._claim.release(clean=not problems and self._nothing_written())
         self._release_base_dir()
+
+    def _nothing_written(self) -> bool:
+        """After a failure: whether the bucket already holds the volume's whole state, so the
+        next machine need not wait out the lease. Only a start that failed before mounting,
+        with no staged blocks left from before and no takeover left half done; a volume that
+        failed while mounted may have left writes staged or unreplicated."""
+        mount = self.children.mount
+        return (mount is None or mount.pid is None) and \
+            not staged_blocks(self.layout.cache_dir)[0] and \
+            (self._claim.takeover is None or self._takeover.report is not None)
 
     async def _teardown(self) -> list[str]:
         await self.children.unwind_actions()

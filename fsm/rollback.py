@@ -83,8 +83,9 @@ class _Plan:
 
 
 class Rollback:
-    """The rollback's steps. `teardown`, `start_replication` and `mount_volume` are the
-    controller's (fsm.shutdown, fsm.startup): the same steps as a stop and a start."""
+    """The rollback's steps: a listener of the chart (fsm.chart), whose actions and guard it
+    names. `teardown`, `start_replication` and `mount_volume` are the controller's
+    (fsm.shutdown, fsm.startup): the same steps as a stop and a start."""
 
     def __init__(self, config: Config, juicefs: JuiceFSTool, litestream: LitestreamTool,
                  history: TimeTravel, point: PointInTime, copies: Copies,
@@ -99,16 +100,15 @@ class Rollback:
         self.history = history
         self.point = point
         self.copies = copies
-        self.own_groups = own_groups
-        self.teardown = teardown
-        self.start_replication = start_replication
-        self.mount_volume = mount_volume
+        self._own_groups = own_groups
+        self._teardown = teardown
+        self._start_replication = start_replication
+        self._mount_volume = mount_volume
         self.log = log.bind(component="time_travel")
         self._plan: _Plan | None = None
 
-    @property
-    def failing(self) -> bool:
-        """The current step failed (the chart's guard `rollback_failing`)."""
+    def rollback_failing(self) -> bool:
+        """The chart's guard: the current step failed."""
         return self._plan is not None and self._plan.failure is not None
 
     @contextlib.contextmanager
@@ -132,7 +132,7 @@ class Rollback:
 
     # ---- preparing_rollback ------------------------------------------------------------
 
-    async def prepare(self, op: TravelOp) -> TravelOp:
+    async def prepare_rollback(self, op: TravelOp) -> TravelOp:
         assert op.at is not None
         self._plan = _Plan(op, op.at, time.monotonic())
         with self._step("preparing") as plan:
@@ -162,14 +162,14 @@ class Rollback:
             self._write_journal(plan)
             self.log.info("rollback_started", at=iso(plan.at), txid=plan.restored.txid,
                           workdir=str(work))
-        if self.failing:  # nothing changed: the caller hears the reason as it was
+        if self.rollback_failing():  # nothing changed: the caller hears the reason as it was
             op.error = plan.failure
         return op
 
     def _refuse_while_in_use(self) -> None:
         """A rollback remounts the volume: programs inside would keep handles to the old mount
         (ENOTCONN from then on) and never see the rolled-back tree."""
-        inside = holders(self.layout.mount_point, self.own_groups())
+        inside = holders(self.layout.mount_point, self._own_groups())
         if inside:
             raise InUse(f"rollback refused: the volume is in use by {named(inside)}; a rollback "
                         f"remounts it and they would be left on the old mount. Stop them (or "
@@ -177,10 +177,10 @@ class Rollback:
 
     # ---- the switch ----------------------------------------------------------------------
 
-    async def stop_live(self) -> TravelOp:
+    async def stop_live_volume(self) -> TravelOp:
         with self._step("stopping the live volume") as plan:
             plan.stopped_at = time.monotonic()
-            problems = await self.teardown()
+            problems = await self._teardown()
             if problems:
                 raise RollbackFailed("the live volume did not stop cleanly: "
                                      + "; ".join(problems))
@@ -191,7 +191,7 @@ class Rollback:
                                          f"metadata")
         return self._op()
 
-    async def swap(self) -> TravelOp:
+    async def swap_metadata(self) -> TravelOp:
         with self._step("swapping the metadata") as plan:
             assert plan.restored is not None
             await asyncio.to_thread(swap_in, self.layout, plan.restored.db, plan.previous_dir)
@@ -199,14 +199,14 @@ class Rollback:
             self.litestream.write_config()
         return self._op()
 
-    async def replicate(self) -> TravelOp:
+    async def replicate_new_path(self) -> TravelOp:
         with self._step("starting litestream on the new replica path"):
-            await self.start_replication()
+            await self._start_replication()
         return self._op()
 
-    async def remount(self) -> TravelOp:
+    async def remount_volume(self) -> TravelOp:
         with self._step("remounting") as plan:
-            await self.mount_volume()
+            await self._mount_volume()
             plan.offline_ms = ms_since(plan.stopped_at)
             self.log.info("rollback_mounted", replica=self.litestream.replica_location,
                           offline_ms=plan.offline_ms)
@@ -258,7 +258,7 @@ class Rollback:
 
     # ---- committing and after -------------------------------------------------------------
 
-    async def commit(self) -> TravelOp:
+    async def commit_rollback(self) -> TravelOp:
         """The point of no return: the next start (here or on a new machine) uses the new
         replica path. Everything before can be undone; gc after it cannot. A failure to record
         it is undone like any step before it."""
@@ -302,7 +302,7 @@ class Rollback:
         return {"ok": True, "summary": summary.split(">:", 1)[-1].strip(),
                 "duration_ms": ms_since(started)}
 
-    async def undo(self) -> TravelOp:
+    async def undo_rollback(self) -> TravelOp:
         """Put the previous metadata back and restart the volume as it was. If that fails too,
         the chart goes to failed (the error is raised); the next start puts it back."""
         plan = self._plan
@@ -311,14 +311,14 @@ class Rollback:
         self.log.error("rollback_failed", at=iso(plan.at), error=str(error),
                        error_type=type(error).__name__)
         try:
-            problems = await self.teardown()
+            problems = await self._teardown()
             if problems:
                 raise RollbackFailed("; ".join(problems))
             await asyncio.to_thread(put_back, self.layout, plan.work)
             self.litestream.replica_subpath = plan.previous_subpath
             self.litestream.write_config()
-            await self.start_replication()
-            await self.mount_volume()
+            await self._start_replication()
+            await self._mount_volume()
         except asyncio.CancelledError:
             raise
         except (FsmError, OSError) as exc:

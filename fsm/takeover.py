@@ -27,7 +27,7 @@ from . import s3
 from .checkpoints import unique
 from .claim import Claim
 from .config import Config
-from .errors import OutsideWindow
+from .errors import BrokenRestorePoint, OutsideWindow
 from .history import fresh_dir, names_in, remove_tree
 from .litestream import LitestreamTool
 from .logs import ms_since
@@ -64,15 +64,15 @@ class Takeover:
         latest, latest_at = await self._latest(work / "latest.db")
         at = self._watermark(plan)
         try:
-            restored = await self.point.restore_checked(at, work / "restored" / "metadata.db")
-            db, state_at = restored.db, restored.state_at
-        except OutsideWindow:
-            # The watermark predates every restore point left (the holder's first watermark
-            # is taken before it formats a new volume): the oldest point, if fsck finds all
-            # its objects; the latest only when there is no oldest to try.
-            self.log.warning("takeover_watermark_unavailable", watermark=iso(at))
-            db, state_at = await self._oldest(work / "oldest" / "metadata.db", latest,
-                                              latest_at)
+            db, state_at = await self._at_watermark(at, work, latest, latest_at)
+        except BrokenRestorePoint as exc:
+            holder = plan.get("holder") or {}
+            raise BrokenRestorePoint(
+                f"cannot take volume {self.config.volume_name!r} over from {holder.get('host')} "
+                f"(pid {holder.get('pid')}): no state of its replica at or before its last "
+                f"watermark ({iso(at)}) has all its data in the bucket ({exc}). Its newest "
+                f"blocks are still on that machine's disk: start the volume there again (it "
+                f"re-takes its own lease and uploads them), then here") from exc
         if db != latest:
             await asyncio.to_thread(bump_slice_counter, db, latest)
         await self.point.write_pointer({
@@ -92,6 +92,18 @@ class Takeover:
             "replica": self.litestream.replica_location,
             "duration_ms": ms_since(started)}
         self.log.warning("takeover_done", **self.report)
+
+    async def _at_watermark(self, at: datetime, work: Path, latest: Path,
+                            latest_at: datetime | None) -> tuple[Path, datetime | None]:
+        try:
+            restored = await self.point.restore_checked(at, work / "restored" / "metadata.db")
+        except OutsideWindow:
+            # The watermark predates every restore point left (the holder's first watermark
+            # is taken before it formats a new volume): the oldest point, if fsck finds all
+            # its objects; the latest only when there is no oldest to try.
+            self.log.warning("takeover_watermark_unavailable", watermark=iso(at))
+            return await self._oldest(work / "oldest" / "metadata.db", latest, latest_at)
+        return restored.db, restored.state_at
 
     async def _latest(self, db: Path) -> tuple[Path, datetime | None]:
         # A time in the future restores the newest state the replica holds.

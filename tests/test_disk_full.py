@@ -1,0 +1,316 @@
+"""A full disk under a running volume (issue 15 item 8): it is seen and said while it lasts, and a
+stop that could not write everything says so (StopError; the daemon exits 5).
+
+Real juicefs, litestream and FUSE in local mode, with base_dir on a small tmpfs of its own (we are
+root): the volume's blocks, its cache and metadata.db all live there, so writing more than it
+holds fills it. A write into a full volume waits (JuiceFS retries storing its blocks), so every
+writer is a subprocess with a bound, killed if it does not finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fsm import Config, JuiceFS, StopError, shutdown, space
+from fsm.daemon import Exit
+from fsm.space import SpaceWatch
+from tests.helpers import assert_nothing_left, capture_events, mounts_under, require, require_fuse
+from tests.test_daemon import RunningDaemon
+
+pytestmark = [pytest.mark.e2e]
+
+SMALL, GROWN = "128m", "256m"
+MIB = 1 << 20
+# More than SMALL holds: the writer cannot finish while the disk stays small.
+WRITE_MIB = 200
+WRITER = """
+import os, sys
+path, total = sys.argv[1], int(sys.argv[2])
+block = bytes(range(256)) * 4096  # 1 MiB, the same every time: the content is checkable
+with open(path, "wb") as f:
+    for i in range(total):
+        f.write(block)
+        print(i + 1, flush=True)  # MiB accepted by the volume so far
+    f.flush()
+    os.fsync(f.fileno())
+print("done", flush=True)
+"""
+CHECKER = """
+import sys
+block = bytes(range(256)) * 4096
+n = 0
+with open(sys.argv[1], "rb") as f:
+    while chunk := f.read(len(block)):
+        assert chunk == block[:len(chunk)], f"wrong bytes at MiB {n}"
+        n += 1
+print(n)
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], None]]:
+    """A tmpfs of SMALL at tmp_path/disk; yields a function that resizes it. Unmounted after
+    (lazily, should a test leave a FUSE mount inside)."""
+    require_fuse()
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL}", "tmpfs", str(disk)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    require(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")
+
+    def resize(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True,
+                       timeout=30)
+
+    try:
+        yield resize
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False, timeout=30)
+
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Look at the disks often, and give a mount that does not exit after its unmount 3 s
+    instead of 10 before the SIGTERM (it is stuck on a full disk: waiting longer changes
+    nothing but the test's time)."""
+    monkeypatch.setattr(space, "CHECK_INTERVAL", 0.2)
+    monkeypatch.setattr(shutdown, "MOUNT_EXIT_GRACE", 3.0)
+
+
+def config(base_dir: Path) -> Config:
+    # A 16 MiB write buffer: what the mount may hold in memory that the disk has no room for.
+    return Config(base_dir=base_dir, local_mode=True, volume_name="test-volume",
+                  buffer_size_mib=16, flush_timeout=10, ready_timeout=20)
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+class Writer:
+    """The writer subprocess, and how many MiB the volume accepted from it."""
+
+    def __init__(self, path: Path, mib: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(mib)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.accepted = 0
+        self.finished = False
+        self._lines: asyncio.Queue[str] = asyncio.Queue()
+        self._reader = asyncio.get_running_loop().run_in_executor(None, self._read)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip() == "done":
+                self.finished = True
+            elif line.strip().isdigit():
+                self.accepted = int(line)
+
+    async def stalls(self, quiet: float, timeout: float) -> bool:
+        """True once it accepted nothing for `quiet` s (waiting on the full disk), False when
+        it finished first."""
+        deadline = time.monotonic() + timeout
+        last, since = self.accepted, time.monotonic()
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            await asyncio.sleep(0.1)
+            if self.accepted != last:
+                last, since = self.accepted, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return True
+        if self.proc.poll() is None:
+            raise AssertionError(f"the writer neither stalled nor finished in {timeout}s")
+        return False
+
+    async def end(self, timeout: float) -> int | None:
+        """Wait for it to exit (killed after `timeout` s: a write may wait forever)."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+        except asyncio.TimeoutError:
+            self.proc.kill()  # a FUSE request waiting is interruptible by SIGKILL
+            await asyncio.to_thread(self.proc.wait, 30)
+        await asyncio.wait_for(self._reader, 30)
+        return self.proc.returncode
+
+
+def check_file(path: Path) -> int:
+    """MiB of the pattern the file holds (its bytes are checked; a read bound in time)."""
+    done = subprocess.run([sys.executable, "-c", CHECKER, str(path)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+@contextlib.asynccontextmanager
+async def volume(cfg: Config) -> AsyncIterator[JuiceFS]:
+    jfs = JuiceFS(cfg)
+    await jfs.start()
+    try:
+        yield jfs
+    finally:
+        with contextlib.suppress(StopError):  # the test checks its own stop() beforehand
+            await jfs.stop()
+
+
+def space_events(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("event") == name]
+
+
+async def test_a_full_disk_is_said_and_a_stop_that_could_not_write_everything_raises(
+        small_disk: Callable[[str], None], quick: None, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    cfg = config(disk / "vol")
+    with capture_events() as events:
+        jfs = JuiceFS(cfg)
+        await jfs.start()
+        pids = [p for p in jfs.pids.values() if p]
+        try:
+            await eventually(lambda: jfs.status()["space"]["state"] == "ok", "space checked", 10)
+            writer = Writer(jfs.active_dir / "big", WRITE_MIB)
+            await eventually(lambda: jfs.status()["space"]["state"] == "short",
+                             "status() says the disk is short", 60)
+            said = jfs.status()
+            assert str(disk) in said["space"]["message"], said["space"]
+            assert "MiB free" in said["space"]["message"]
+            (short,) = said["space"]["disks"]
+            assert short["mount_point"] == str(disk) and short["short"]
+            assert short["free_mib"] < short["need_mib"] == 64.0
+            assert said["progress"] and "disk space low" in said["progress"]
+            assert said["state"] == "ready"  # the volume runs on; it says why writes wait
+            low = space_events(events, "disk_space_low")
+            assert low and low[0]["mount_point"] == str(disk), low
+            assert {"free_mib", "total_mib", "path"} <= set(low[0]), low[0]
+            # Writes wait on the full disk: the writer stalls short of the end.
+            assert await writer.stalls(quiet=3, timeout=60), "wrote more than the disk holds?"
+            await writer.end(timeout=1)
+            accepted = writer.accepted
+            assert accepted < WRITE_MIB
+            started = time.monotonic()
+            with pytest.raises(StopError) as stopped:
+                await jfs.stop()
+        finally:
+            if jfs.state != "stopped":
+                with contextlib.suppress(StopError):
+                    await jfs.stop()
+    message = str(stopped.value)
+    assert "rawstaging" in message and str(cfg.layout.cache_dir) in message, message
+    assert time.monotonic() - started < 30
+    assert_nothing_left(cfg.base_dir, pids)
+    assert mounts_under(cfg.base_dir) == []
+
+    # Room again: the next start works, and what the file holds is the writer's bytes, no
+    # garbage (how much survived is what the stop said may be lost).
+    small_disk(GROWN)
+    async with volume(cfg) as again:
+        await eventually(lambda: again.status()["space"]["state"] == "ok", "space ok", 10)
+        kept = check_file(again.active_dir / "big")
+        assert kept <= accepted
+        await again.stop()
+
+
+async def test_room_made_while_writes_wait_lets_them_finish_and_the_stop_is_clean(
+        small_disk: Callable[[str], None], quick: None, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    cfg = config(disk / "vol")
+    with capture_events() as events:
+        async with volume(cfg) as jfs:
+            pids = [p for p in jfs.pids.values() if p]
+            writer = Writer(jfs.active_dir / "big", WRITE_MIB)
+            await eventually(lambda: jfs.status()["space"]["state"] == "short", "short", 60)
+            assert await writer.stalls(quiet=2, timeout=60)
+            small_disk(GROWN)  # the operator frees space: the waiting writes go on
+            await eventually(lambda: jfs.status()["space"]["state"] == "ok", "ok again", 30)
+            assert await writer.end(timeout=60) == 0
+            assert writer.finished and writer.accepted == WRITE_MIB
+            assert "disk space is back" in (jfs.status()["progress"] or "")
+            await jfs.stop()  # everything was written: no StopError
+    ok = space_events(events, "disk_space_ok")
+    assert ok and ok[0]["mount_point"] == str(disk), ok
+    assert_nothing_left(cfg.base_dir, pids)
+    async with volume(cfg) as again:
+        assert check_file(again.active_dir / "big") == WRITE_MIB
+        await again.stop()
+
+
+def test_the_daemon_says_a_full_disk_in_its_status_and_exits_5_when_its_stop_loses_data(
+        small_disk: Callable[[str], None], tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    daemon = RunningDaemon(disk / "vol", str(tmp_path / "vol.notify"), "--buffer-size-mib", "16",
+                           "--flush-timeout", "10")
+    writer: subprocess.Popen[str] | None = None
+    try:
+        daemon.wait_notified("READY", "1")
+        daemon.remember_children()
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(disk / "vol/data/active/fs/big"), str(WRITE_MIB)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not (said := [s for s in daemon.statuses() if "disk space low" in s]):
+            assert time.monotonic() < deadline, daemon.statuses()
+            daemon.drain(0.5)
+        assert said[0].startswith("ready: "), said  # sd_notify STATUS, as systemctl shows it
+        assert str(disk) in said[0] and "MiB free" in said[0], said
+        assert daemon.status()["space"]["state"] == "short"
+        writer.kill()  # its writes wait on the full disk; killing it does not free them
+        writer.wait(30)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.wait_exit(60) == Exit.UNCLEAN
+        names = [e["event"] for e in daemon.log_events()]
+        assert "disk_space_low" in names and "daemon_stop_unclean" in names, names
+        unclean = next(e for e in daemon.log_events() if e["event"] == "daemon_stop_unclean")
+        assert "rawstaging" in unclean["error"], unclean
+        assert_nothing_left(daemon.base_dir, daemon.pids)
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.wait(30)
+        daemon.clean_up()
+
+
+def test_the_watch_names_the_filesystem_and_says_when_it_has_room_again(
+        tmp_path: Path) -> None:
+    """Unit: the thresholds and what is said, on this machine's disk (never short here unless
+    it is nearly full) with a need raised above its size."""
+    cfg = Config(base_dir=tmp_path / "vol", local_mode=True, volume_name="test-volume",
+                 buffer_size_mib=16)
+    cfg.layout.cache_dir.mkdir(parents=True)
+    reports: list[str] = []
+    with capture_events() as events:
+        watch = SpaceWatch(cfg, reports.append, _log())
+        (disk,) = watch.check()  # base_dir and cache/ on one filesystem: one entry
+        assert disk.roles == ("base_dir", "cache") and disk.need >= 64 * MIB
+        if disk.short:
+            pytest.skip(f"this machine's {disk.mount_point} is nearly full")
+        assert watch.status()["state"] == "ok" and reports == []
+        huge = [(role, path, disk.total + 1) for role, path, _ in watch.needs()]
+        watch.needs = lambda: huge  # type: ignore[method-assign]
+        watch.check()
+        assert watch.status()["state"] == "short"
+        assert reports and disk.mount_point in reports[-1] and "MiB free" in reports[-1]
+        watch.check()  # still short: said again (a transition clears the progress text)
+        assert len(reports) == 2 and len(space_events(events, "disk_space_low")) == 1
+        del watch.needs
+        watch.check()
+        assert watch.status()["state"] == "ok" and "disk space is back" in reports[-1]
+        assert len(space_events(events, "disk_space_ok")) == 1
+
+
+def _log() -> Any:
+    from fsm.logs import get_logger
+
+    return get_logger(test="disk_full")
