@@ -1,7 +1,8 @@
 """Time travel end to end (fsm.history, fsm.rollback): the history window, browsing a past
 second read-only beside the live volume, rolling the whole volume back, and the refusals that
 keep two metadata copies of one bucket from corrupting it. Real juicefs, litestream, FUSE
-mounts, and SeaweedFS for S3 mode. The unit tests at the end (times, the window, the tree diff) need none of these."""
+mounts, and SeaweedFS for S3 mode. The unit tests at the end (times, the window, the tree
+diff) need none of these."""
 
 from __future__ import annotations
 
