@@ -83,10 +83,8 @@ class Acquired:
     """How the lease was obtained. `how`: "fresh" (there was none), "clean" (the previous
     holder released it after a clean stop), "own" (this machine and base_dir held it: the local
     metadata is the newest), "takeover" (another holder stopped refreshing: an unclean loss).
-    `previous` is the lease body found (with its `extra`, e.g. a replica watermark);
-    `same_disk`: its holder was this machine and base_dir, so the local metadata is the newest
-    there is (otherwise another machine may have run the volume since: the local copy is
-    stale)."""
+    `previous` is the lease body found (with its `extra`: the watermark); `same_disk`: its
+    holder was this machine and base_dir (else the local metadata is stale)."""
 
     how: How
     previous: dict[str, Any] | None

@@ -30,7 +30,8 @@ from tests.test_daemon import RunningDaemon
 
 pytestmark = [pytest.mark.e2e]
 
-SMALL, GROWN = "128m", "256m"
+# GROWN holds all WRITE_MIB with more than space.BASE_MIN_MIB to spare: not short again.
+SMALL, GROWN = "128m", "512m"
 MIB = 1 << 20
 # More than SMALL holds: the writer cannot finish while the disk stays small.
 WRITE_MIB = 200
@@ -137,13 +138,16 @@ class Writer:
             raise AssertionError(f"the writer neither stalled nor finished in {timeout}s")
         return False
 
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None and self.proc.poll() is not None
+        return self.proc.stderr.read()
+
     async def end(self, timeout: float) -> int | None:
-        """Wait for it to exit (killed after `timeout` s: a write may wait forever)."""
-        try:
-            await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
-        except asyncio.TimeoutError:
-            self.proc.kill()  # a FUSE request waiting is interruptible by SIGKILL
-            await asyncio.to_thread(self.proc.wait, 30)
+        """Wait for it to exit; None if it did not within `timeout` s."""
+        with contextlib.suppress(AssertionError):
+            await eventually(lambda: self.proc.poll() is not None, "the writer exits", timeout)
+        if self.proc.poll() is None:
+            return None
         await asyncio.wait_for(self._reader, 30)
         return self.proc.returncode
 
@@ -195,11 +199,13 @@ async def test_a_full_disk_is_said_and_a_stop_that_could_not_write_everything_ra
             low = space_events(events, "disk_space_low")
             assert low and low[0]["mount_point"] == str(disk), low
             assert {"free_mib", "total_mib", "path"} <= set(low[0]), low[0]
-            # Writes wait on the full disk: the writer stalls short of the end.
+            # Writes wait on the full disk: the writer stalls short of the end. Even SIGKILL
+            # does not end it: its write request was sent to the mount, and the kernel waits for
+            # the answer (state D) until the mount is gone, i.e. until the stop.
             assert await writer.stalls(quiet=3, timeout=60), "wrote more than the disk holds?"
-            await writer.end(timeout=1)
             accepted = writer.accepted
             assert accepted < WRITE_MIB
+            writer.proc.kill()
             started = time.monotonic()
             with pytest.raises(StopError) as stopped:
                 await jfs.stop()
@@ -209,7 +215,8 @@ async def test_a_full_disk_is_said_and_a_stop_that_could_not_write_everything_ra
                     await jfs.stop()
     message = str(stopped.value)
     assert "rawstaging" in message and str(cfg.layout.cache_dir) in message, message
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 40
+    assert await writer.end(timeout=10) == -signal.SIGKILL  # freed once the mount was gone
     assert_nothing_left(cfg.base_dir, pids)
     assert mounts_under(cfg.base_dir) == []
 
@@ -232,7 +239,8 @@ async def test_room_made_while_writes_wait_lets_them_finish_and_the_stop_is_clea
             pids = [p for p in jfs.pids.values() if p]
             writer = Writer(jfs.active_dir / "big", WRITE_MIB)
             await eventually(lambda: jfs.status()["space"]["state"] == "short", "short", 60)
-            assert await writer.stalls(quiet=2, timeout=60)
+            stalled = await writer.stalls(quiet=2, timeout=60)
+            assert stalled, f"the writer ended ({writer.proc.returncode}): {writer.stderr()}"
             small_disk(GROWN)  # the operator frees space: the waiting writes go on
             await eventually(lambda: jfs.status()["space"]["state"] == "ok", "ok again", 30)
             assert await writer.end(timeout=60) == 0
@@ -247,18 +255,17 @@ async def test_room_made_while_writes_wait_lets_them_finish_and_the_stop_is_clea
         await again.stop()
 
 
-def test_the_daemon_says_a_full_disk_in_its_status_and_exits_5_when_its_stop_loses_data(
+async def test_the_daemon_says_a_full_disk_in_its_status_and_exits_5_when_its_stop_loses_data(
         small_disk: Callable[[str], None], tmp_path: Path) -> None:
     disk = tmp_path / "disk"
-    daemon = RunningDaemon(disk / "vol", str(tmp_path / "vol.notify"), "--buffer-size-mib", "16",
+    # base_dir is the tmpfs itself: the daemon's stderr (beside base_dir) is then not on it.
+    daemon = RunningDaemon(disk, str(tmp_path / "vol.notify"), "--buffer-size-mib", "16",
                            "--flush-timeout", "10")
-    writer: subprocess.Popen[str] | None = None
+    writer: Writer | None = None
     try:
         daemon.wait_notified("READY", "1")
         daemon.remember_children()
-        writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(disk / "vol/data/active/fs/big"), str(WRITE_MIB)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        writer = Writer(disk / "data/active/fs/big", WRITE_MIB)
         deadline = time.monotonic() + 60
         while not (said := [s for s in daemon.statuses() if "disk space low" in s]):
             assert time.monotonic() < deadline, daemon.statuses()
@@ -266,20 +273,22 @@ def test_the_daemon_says_a_full_disk_in_its_status_and_exits_5_when_its_stop_los
         assert said[0].startswith("ready: "), said  # sd_notify STATUS, as systemctl shows it
         assert str(disk) in said[0] and "MiB free" in said[0], said
         assert daemon.status()["space"]["state"] == "short"
-        writer.kill()  # its writes wait on the full disk; killing it does not free them
-        writer.wait(30)
+        # Short is a warning ahead of full: only a writer that stalls has data the disk cannot
+        # take (until then a stop flushes everything, and exits 0).
+        assert await writer.stalls(quiet=3, timeout=60), "wrote more than the disk holds?"
+        writer.proc.kill()  # its write waits (state D) until the stop ends the mount
         daemon.proc.send_signal(signal.SIGTERM)
-        assert daemon.wait_exit(60) == Exit.UNCLEAN
+        assert await asyncio.to_thread(daemon.wait_exit, 60) == Exit.UNCLEAN
+        assert await writer.end(timeout=10) == -signal.SIGKILL
         names = [e["event"] for e in daemon.log_events()]
         assert "disk_space_low" in names and "daemon_stop_unclean" in names, names
         unclean = next(e for e in daemon.log_events() if e["event"] == "daemon_stop_unclean")
         assert "rawstaging" in unclean["error"], unclean
         assert_nothing_left(daemon.base_dir, daemon.pids)
     finally:
-        if writer is not None and writer.poll() is None:
-            writer.kill()
-            writer.wait(30)
         daemon.clean_up()
+        if writer is not None and writer.proc.poll() is None:
+            writer.proc.kill()
 
 
 def test_the_watch_names_the_filesystem_and_says_when_it_has_room_again(
