@@ -44,8 +44,10 @@ _WATERMARK_SLACK = timedelta(seconds=1)
 
 class Claim:
     def __init__(self, config: Config, send: Send, log: Any,
-                 lease_factory: Callable[[Config, Any], Lease] = Lease.for_config) -> None:
+                 lease_factory: Callable[[Config, Any], Lease] = Lease.for_config,
+                 fence: Callable[[], object] = lambda: None) -> None:
         self.config = config
+        self._fence = fence
         self.layout = config.layout
         self.send = send
         self.log = log
@@ -108,6 +110,9 @@ class Claim:
             await asyncio.to_thread(self._set_aside_local)
 
     async def _lost(self, reason: str) -> None:
+        # Fence first, here: the chart may be busy with a long step (a delete runs inside its
+        # transition) and would only act on the event after it; the deadline does not wait.
+        self._fence()
         await self.send("lease_lost", error=LeaseLost(
             f"this machine lost the lease on volume {self.config.volume_name!r} ({reason}); "
             f"fenced: the mount and litestream were stopped so that nothing more is written"))

@@ -97,7 +97,7 @@ class JuiceFS:
         self._shutdown = Shutdown(cfg, juicefs, litestream, self.children, self._time_travel,
                                   self._report, log)
         self._operations = TreeOperations(cfg, juicefs, self.children, self._replication, log)
-        self._claim = Claim(cfg, self._send, log)
+        self._claim = Claim(cfg, self._send, log, fence=self.children.kill_all)
         self._takeover = Takeover(cfg, litestream, point, self._claim, log)
         self._rollback = Rollback(cfg, juicefs, litestream, self._time_travel, point, copies,
                                   self.own_process_groups, self._teardown,

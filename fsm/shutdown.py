@@ -132,6 +132,11 @@ class Shutdown:
                         f"and was killed: what it had not yet written to "
                         f"{self.layout.cache_dir}/*/rawstaging may be lost (is the cache "
                         f"disk full?)")
+        if mount is not None and mount.returncode == -signal.SIGKILL and not unmounted:
+            # Killed while serving (fenced when the lease was lost, or it would not die).
+            problems.append(f"the juicefs mount (pid {mount.pid}) was killed while serving: "
+                            f"what it held in memory is lost; blocks it had staged stay in "
+                            f"{self.layout.cache_dir}/*/rawstaging")
         if unmounted:
             problems += self._not_uploaded()
         for retired in self.children.retired_mounts:

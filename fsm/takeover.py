@@ -95,8 +95,12 @@ class Takeover:
 
     async def _at_watermark(self, at: datetime, work: Path, latest: Path,
                             latest_at: datetime | None) -> tuple[Path, datetime | None]:
+        # Litestream stamps its files in whole seconds: a file stamped s holds transactions up
+        # to s + 1. Restoring to the second before the watermark's takes only files whose
+        # every transaction is older than the watermark.
+        safe = at.replace(microsecond=0) - timedelta(seconds=1)
         try:
-            restored = await self.point.restore_checked(at, work / "restored" / "metadata.db")
+            restored = await self.point.restore_checked(safe, work / "restored" / "metadata.db")
         except OutsideWindow:
             # The watermark predates every restore point left (the holder's first watermark
             # is taken before it formats a new volume): the oldest point, if fsck finds all

@@ -415,7 +415,7 @@ async def test_another_volumes_mount_at_data_is_refused_and_left_alone(
                      "other volume mounted", timeout=30)
         jfs = JuiceFS(cfg)
         # Refused before anything is created (fsm.preflight), naming what is mounted there.
-        with pytest.raises(StartError, match="already a mount point.*other-volume"):
+        with pytest.raises(StartError, match=r"already a mount point.*other-volume"):
             await jfs.start()
         await jfs.stop()
         assert mount_fstype(cfg.layout.mount_point) == "fuse.juicefs", "not ours: left alone"
