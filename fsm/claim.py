@@ -21,7 +21,8 @@ import asyncio
 import contextlib
 import json
 import shutil
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from . import s3
 from .children import Send
 from .config import Config
-from .errors import LeaseLost
+from .errors import FsmError, LeaseLost
 from .juicefs import read_format, staged_blocks
 from .layout import replica_prefix
 from .lease import Acquired, Lease
@@ -60,6 +61,9 @@ class Claim:
         # held the volume since): never uploaded, set aside.
         self.superseded = False
         self._hold: asyncio.Task[None] | None = None
+        # (wall time before the sync, replica txid, replica sub-path), oldest first.
+        self._samples: deque[tuple[float, int, str]] = deque(maxlen=4096)
+        self._sampler: asyncio.Task[None] | None = None
 
     @property
     def uses_lease(self) -> bool:
@@ -91,9 +95,13 @@ class Claim:
             previous = acquired.previous or {}
             extra = previous.get("extra") or {}
             self.takeover = {"watermark": extra.get("watermark") or previous.get("since"),
+                             "watermark_txid": extra.get("watermark_txid"),
+                             "watermark_replica": extra.get("watermark_replica"),
                              "holder": {k: previous.get(k) for k in
                                         ("host", "pid", "base_dir", "since")},
                              "source_subpath": None}
+        if self.takeover is not None:
+            self.log.warning("takeover_planned", **self.takeover)
         await lease.refresh(extra=self.extra())  # the first watermark, at once
         self._hold = asyncio.create_task(lease.hold(self._lost, extra=self.extra))
 
@@ -142,7 +150,58 @@ class Claim:
     # ---- the watermark ---------------------------------------------------------------------
 
     def extra(self) -> dict[str, Any]:
-        return {"watermark": iso(watermark(self.layout.cache_dir))}
+        """What each refresh records for a successor: the watermark as a time, and, exact,
+        as the replica's transaction (hex) on the replica path it belongs to. A sample of
+        the replica's transaction taken before the oldest block still staged was made has
+        only transactions that reference uploaded blocks (each committed after its blocks
+        were staged; none of those is staged any more)."""
+        at = watermark(self.layout.cache_dir)
+        value: dict[str, Any] = {"watermark": iso(at)}
+        # No slack here: a file's time is the kernel's coarse clock, never later than the
+        # write, so a block staged after a sample can only look older (a sample left out).
+        _count, _size, oldest = staged_blocks(self.layout.cache_dir)
+        cutoff = oldest if oldest is not None else datetime.now(timezone.utc).timestamp()
+        done = [(txid, path) for taken, txid, path in self._samples if taken < cutoff]
+        if done:
+            txid, path = done[-1]
+            value.update(watermark_txid=f"{txid:016x}", watermark_replica=path)
+        return value
+
+    async def after_mount(self, sync: Callable[[], Awaitable[str]], subpath: str) -> None:
+        """Sample the replica's transaction now (before the first write of this mount) and
+        every third of lease_ttl while it is held (fsm.startup calls this once mounted)."""
+        if self.lease is None:
+            return
+        await self._stop_sampling()
+        self._samples.clear()
+        await self._sample(sync, subpath)
+        # Recorded at once, not at the next refresh: a machine lost before it is taken over
+        # exactly at this point, with none of this mount's writes.
+        try:
+            await self.lease.refresh(extra=self.extra())
+        except FsmError as exc:  # the holding loop retries before its deadline
+            self.log.warning("lease_refresh_failed", error=str(exc))
+        self._sampler = asyncio.create_task(self._sample_forever(sync, subpath))
+
+    async def _sample(self, sync: Callable[[], Awaitable[str]], subpath: str) -> None:
+        taken = datetime.now(timezone.utc).timestamp()  # before: the sync waits for txids
+        try:
+            txid = int(await sync())  # litestream prints it in decimal
+        except (FsmError, ValueError) as exc:
+            self.log.debug("watermark_sample_failed", error=str(exc))
+            return
+        self._samples.append((taken, txid, subpath))
+
+    async def _sample_forever(self, sync: Callable[[], Awaitable[str]], subpath: str) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_ttl / 3)
+            await self._sample(sync, subpath)
+
+    async def _stop_sampling(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None
 
     # ---- the takeover journal (fsm.takeover writes it) -------------------------------------
 
@@ -176,6 +235,7 @@ class Claim:
         lease = self.lease
         if lease is None:
             return
+        await self._stop_sampling()
         try:
             await lease.release(clean, extra=self.extra() if clean else None)
         finally:

@@ -98,6 +98,7 @@ class JuiceFS:
                                   self._report, log)
         self._operations = TreeOperations(cfg, juicefs, self.children, self._replication, log)
         self._claim = Claim(cfg, self._send, log, fence=self.children.kill_all)
+        self._startup.after_mount = self._claim.after_mount
         self._takeover = Takeover(cfg, litestream, point, self._claim, log)
         self._rollback = Rollback(cfg, juicefs, litestream, self._time_travel, point, copies,
                                   self.own_process_groups, self._teardown,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from .layout import replica_prefix
 from .proc import Child, child_env, run
 from .timepoints import snapshot_lines
 
+_TXID = re.compile(r"^txid:\s*(\S+)", re.MULTILINE)
 # Makes litestream 0.5 fail to start its S3 replica ("unable to add custom RootCAs").
 _DROPPED_ENV = ("AWS_CA_BUNDLE",)
 
@@ -167,11 +169,14 @@ class LitestreamTool:
                                 None, child.stderr_tail())
             await asyncio.sleep(0.005)
 
-    async def sync(self, timeout: float = 30.0) -> None:
-        """Durability barrier: returns once the replica holds the db's current transaction."""
-        await self._run("sync", "sync", "-wait", "-timeout", f"{int(timeout)}",
-                        "-socket", str(self.layout.litestream_socket),
-                        str(self.layout.metadata_db), timeout=timeout + 5)
+    async def sync(self, timeout: float = 30.0) -> str:
+        """Durability barrier: returns once the replica holds the db's current transaction;
+        returns that transaction id (hex, as litestream prints it; "" if it printed none)."""
+        out = await self._run("sync", "sync", "-wait", "-timeout", f"{int(timeout)}",
+                              "-socket", str(self.layout.litestream_socket),
+                              str(self.layout.metadata_db), timeout=timeout + 5, quiet=True)
+        found = _TXID.search(out)
+        return found.group(1) if found else ""
 
     # ---- time travel (fsm.history, fsm.pointintime) -----------------------------------------
 

@@ -114,15 +114,15 @@ class Replication:
 
     # ---- the durability barrier ------------------------------------------------------------
 
-    async def sync(self) -> None:
+    async def sync(self) -> str:
         """`litestream sync -wait`, after a restart in progress (bounded wait; the sync then
         reports a litestream that is still not back). A shared metadata engine commits each
         change durably itself: nothing to wait for."""
         if self.config.meta_url:
-            return
+            return ""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.up.wait(), self.config.litestream_stop_timeout)
-        await self.litestream.sync()
+        return await self.litestream.sync()
 
     async def sync_made(self, done: str, result: Checkpoint) -> None:
         """The barrier after a change that is already made: its failure must say so, or the

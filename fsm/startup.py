@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from . import leftovers, metaengine, preflight, s3
@@ -51,6 +52,8 @@ class Startup:
         self.send = send
         self.log = log
         self.created_base_dir = False
+        self.after_mount: Callable[[Callable[[], Awaitable[str]], str], Awaitable[None]] | \
+            None = None
 
     # ---- restoring_metadata ----------------------------------------------------------------
 
@@ -231,11 +234,10 @@ class Startup:
             self.juicefs.wait_mounted(child, self.config.ready_timeout), *waits)
         self.log.info("mounted", mount_point=str(self.layout.mount_point), pid=child.pid,
                       duration_ms=round(seconds * 1000, 1))
-        if replicator and not self.config.local_mode:
-            # A point in the replica before this machine's first write: a successor taking
-            # over after an unclean loss that comes too soon for a watermark restores it
-            # (fsm.takeover). ~20 ms.
-            await self.replication.sync()
+        if replicator and self.after_mount is not None:
+            # The replica's position before this mount's first write, then every few seconds:
+            # the watermark a successor restores after an unclean loss (fsm.claim). ~20 ms.
+            await self.after_mount(self.replication.sync, self.litestream.replica_subpath)
         # mkdir through FUSE on a first start, no-ops later. Here, not on entering ready: ready
         # is re-entered after every operation, and these cost ~1 ms each time (bench/).
         self.layout.active_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ class Takeover:
         self.claim = claim
         self.log = log
         self.report: dict[str, Any] | None = None
+        self._latest_txid = self._restored_txid = ""
 
     async def run(self) -> None:
         plan = self.claim.takeover
@@ -63,8 +64,10 @@ class Takeover:
         await asyncio.to_thread(fresh_dir, work)
         latest, latest_at = await self._latest(work / "latest.db")
         at = self._watermark(plan)
+        # Exact when the holder sampled the replica's transaction on this replica path.
+        txid = plan.get("watermark_txid") if plan.get("watermark_replica") == source else None
         try:
-            db, state_at = await self._at_watermark(at, work, latest, latest_at)
+            db, state_at = await self._at_watermark(at, work, latest, latest_at, txid)
         except BrokenRestorePoint as exc:
             holder = plan.get("holder") or {}
             raise BrokenRestorePoint(
@@ -89,12 +92,21 @@ class Takeover:
             "latest_state_at": iso(latest_at) if latest_at else None,
             "lost_s": (round((latest_at - state_at).total_seconds(), 1)
                        if latest_at and state_at and latest_at > state_at else 0.0),
+            # Litestream stamps whole seconds: the transactions say what was lost exactly.
+            "lost_transactions": _txid(self._latest_txid) - _txid(self._restored_txid),
             "replica": self.litestream.replica_location,
             "duration_ms": ms_since(started)}
         self.log.warning("takeover_done", **self.report)
 
     async def _at_watermark(self, at: datetime, work: Path, latest: Path,
-                            latest_at: datetime | None) -> tuple[Path, datetime | None]:
+                            latest_at: datetime | None,
+                            txid: str | None) -> tuple[Path, datetime | None]:
+        if txid:
+            restored = await self.point.restore_checked(
+                at, work / "restored" / "metadata.db", txid=str(txid))
+            self._restored_txid = restored.txid
+            self._restored_txid = restored.txid
+        return restored.db, restored.state_at
         # Litestream stamps its files in whole seconds: a file stamped s holds transactions up
         # to s + 1. Restoring to the second before the watermark's takes only files whose
         # every transaction is older than the watermark.
@@ -106,7 +118,8 @@ class Takeover:
             # is taken before it formats a new volume): the oldest point, if fsck finds all
             # its objects; the latest only when there is no oldest to try.
             self.log.warning("takeover_watermark_unavailable", watermark=iso(at))
-            return await self._oldest(work / "oldest" / "metadata.db", latest, latest_at)
+            return await self._oldest(work / "oldest" / "metadata.db", latest, latest_at, safe)
+        self._restored_txid = restored.txid
         return restored.db, restored.state_at
 
     async def _latest(self, db: Path) -> tuple[Path, datetime | None]:
@@ -117,22 +130,28 @@ class Takeover:
         await self.point.s3_step("takeover: latest restore",
                                  lambda: self.litestream.restore_to(db, when))
         os.chmod(db, 0o600)
+        self._latest_txid = str(plan.get("max_txid") or "")
+        self._restored_txid = self._latest_txid  # until a point before it is restored
         return db, state_time(plan)
 
-    async def _oldest(self, db: Path, latest: Path, latest_at: datetime | None
-                      ) -> tuple[Path, datetime | None]:
-        """The replica's first complete state (the snapshot litestream took when the holder
-        started it, by transaction: the listing's whole seconds are too coarse to tell it from
-        the first writes), if fsck finds all its objects."""
+    async def _oldest(self, db: Path, latest: Path, latest_at: datetime | None,
+                      after: datetime) -> tuple[Path, datetime | None]:
+        """No point of the replica is older than the watermark (litestream drops the older
+        files when it snapshots at a start): the snapshot litestream took when the holder
+        started, i.e. the first one after the watermark, which holds none of the holder's own
+        writes (the start syncs the replica before the first write: fsm.startup), if fsck finds
+        all its objects. By transaction: the listing's whole seconds are too coarse."""
         files = await self.point.s3_step("history listing", self.litestream.ltx_files)
-        starts = [f for f in files if int(f["level"]) == SNAPSHOT_LEVEL
-                  or int(str(f["min_txid"]), 16) == 1]
-        if not starts:
+        snapshots = sorted((f for f in files if int(f["level"]) == SNAPSHOT_LEVEL),
+                           key=lambda f: (str(f["timestamp"]), int(str(f["max_txid"]), 16)))
+        if not snapshots:
             await self.point.fsck(latest, "the latest replicated state")
             return latest, latest_at
-        first = min(starts, key=lambda f: (str(f["timestamp"]), int(str(f["max_txid"]), 16)))
+        later = [f for f in snapshots if parse_time(str(f["timestamp"])) >= after]
+        first = (later or snapshots)[0]
         restored = await self.point.restore_checked(
             parse_time(str(first["timestamp"])), db, txid=str(first["max_txid"]))
+        self._restored_txid = restored.txid
         return restored.db, restored.state_at
 
     @staticmethod
@@ -149,3 +168,7 @@ class Takeover:
         os.rename(db, self.layout.metadata_db)
         s3.make_private(self.layout)
         remove_tree(work, self.log)
+
+
+def _txid(hex_txid: str) -> int:
+    return int(hex_txid, 16) if hex_txid else 0

@@ -363,7 +363,7 @@ async def test_a_machine_killed_mid_write_is_taken_over_and_every_file_reads_who
     assert checkpoints == ["cp-clean"] and clean_cp == stopped_clean
     # What was lost is reported: the metadata newer than the watermark, set aside.
     assert report == {k: v for k, v in done.items() if k in report}
-    assert report["lost_s"] > 0 and report["from"]["base_dir"] == str(a.base_dir)
+    assert report["lost_transactions"] > 0 and report["from"]["base_dir"] == str(a.base_dir)
     assert report["replica"].startswith("test-volume/metadata/takeover-")
     kept = list(b.layout.set_aside_dir.glob("*/latest-before-takeover.db"))
     assert len(kept) == 1
