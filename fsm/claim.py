@@ -78,7 +78,7 @@ class Claim:
             return
         lease = self._factory(self.config, self.log)
         acquired = await with_s3(self.config, self.log, "lease",
-                                 lambda: lease.acquire(wait=True))
+                                 lambda: lease.acquire(wait=True, extra=self.extra()))
         self.lease, self.acquired = lease, acquired
         journal = self._read_journal()
         superseded = acquired.previous is not None and not acquired.same_disk
@@ -102,7 +102,6 @@ class Claim:
                              "source_subpath": None}
         if self.takeover is not None:
             self.log.warning("takeover_planned", **self.takeover)
-        await lease.refresh(extra=self.extra())  # the first watermark, at once
         self._hold = asyncio.create_task(lease.hold(self._lost, extra=self.extra))
 
     async def _anything_replicated(self) -> bool:
@@ -174,14 +173,22 @@ class Claim:
             return
         await self._stop_sampling()
         self._samples.clear()
-        await self._sample(sync, subpath)
-        # Recorded at once, not at the next refresh: a machine lost before it is taken over
-        # exactly at this point, with none of this mount's writes.
+        await self._sample(sync, subpath)  # before ready: before any write of this mount
+        self._sampler = asyncio.create_task(self._sample_forever(sync, subpath))
+
+    async def _sample_forever(self, sync: Callable[[], Awaitable[str]], subpath: str) -> None:
+        """The first sample recorded in the lease at once, off the start's path (not at the
+        next refresh: a machine lost before that is then taken over exactly at the mount);
+        then a sample every third of lease_ttl."""
+        lease = self.lease
+        assert lease is not None
         try:
-            await self.lease.refresh(extra=self.extra())
+            await lease.refresh(extra=self.extra())
         except FsmError as exc:  # the holding loop retries before its deadline
             self.log.warning("lease_refresh_failed", error=str(exc))
-        self._sampler = asyncio.create_task(self._sample_forever(sync, subpath))
+        while True:
+            await asyncio.sleep(self.config.lease_ttl / 3)
+            await self._sample(sync, subpath)
 
     async def _sample(self, sync: Callable[[], Awaitable[str]], subpath: str) -> None:
         taken = datetime.now(timezone.utc).timestamp()  # before: the sync waits for txids
@@ -191,11 +198,6 @@ class Claim:
             self.log.debug("watermark_sample_failed", error=str(exc))
             return
         self._samples.append((taken, txid, subpath))
-
-    async def _sample_forever(self, sync: Callable[[], Awaitable[str]], subpath: str) -> None:
-        while True:
-            await asyncio.sleep(self.config.lease_ttl / 3)
-            await self._sample(sync, subpath)
 
     async def _stop_sampling(self) -> None:
         if self._sampler is not None:

@@ -334,10 +334,13 @@ class Lease:
 
     # ---- acquire ----------------------------------------------------------------------------
 
-    async def acquire(self, *, wait: bool = True) -> Acquired:
+    async def acquire(self, *, wait: bool = True,
+                      extra: dict[str, Any] | None = None) -> Acquired:
         """Take the lease. A foreign unreleased lease is watched (wait=True) for a full ttl:
         changed -> LeaseHeld (its holder is alive); unchanged -> taken over. wait=False raises
         LeaseHeld at once. Nothing is written unless the lease is taken."""
+        if extra is not None:
+            self._extra = extra  # written with the lease when it is taken
         started = self.clock.now()
         # The ETag of a foreign lease, when we first saw it (its answer's arrival: the write
         # that made it was applied before that), and its body.

@@ -229,15 +229,11 @@ class Startup:
         self.children.remember()
         replicator = self.children.replicator
         # replicating comes before mounting, except on a shared engine (no litestream).
-        waits = [self.replication.serving(replicator)] if replicator else []
+        waits = [self._serving_then_sampled(replicator)] if replicator else []
         seconds, *_ = await together(
             self.juicefs.wait_mounted(child, self.config.ready_timeout), *waits)
         self.log.info("mounted", mount_point=str(self.layout.mount_point), pid=child.pid,
                       duration_ms=round(seconds * 1000, 1))
-        if replicator and self.after_mount is not None:
-            # The replica's position before this mount's first write, then every few seconds:
-            # the watermark a successor restores after an unclean loss (fsm.claim). ~20 ms.
-            await self.after_mount(self.replication.sync, self.litestream.replica_subpath)
         # mkdir through FUSE on a first start, no-ops later. Here, not on entering ready: ready
         # is re-entered after every operation, and these cost ~1 ms each time (bench/).
         self.layout.active_dir.mkdir(parents=True, exist_ok=True)
@@ -245,6 +241,14 @@ class Startup:
         self._watch_mount(child)
         if self.space is not None:  # a full disk makes writes wait silently: say it
             self.children.background(self.space.run())
+
+    async def _serving_then_sampled(self, replicator: Child) -> None:
+        await self.replication.serving(replicator)
+        if self.after_mount is not None:
+            # The replica's position before this mount's first write (alongside the mount
+            # coming up: nothing can write before it is), then every few seconds: the
+            # watermark a successor restores after an unclean loss (fsm.claim).
+            await self.after_mount(self.replication.sync, self.litestream.replica_subpath)
 
     def _watch_mount(self, child: Child) -> None:
         async def lost(rc: int) -> None:
