@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo diagrams bench clean
+.PHONY: install browser test lint demo diagrams bench clean
 
 install: $(STAMP)
 
@@ -13,7 +13,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
-test: install
+# The live view's tests drive Debian's chromium (playwright downloads no browser): installed
+# here when it is missing and this machine can (root with apt-get); without it those tests skip
+# (and fail with CI=true).
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium for the live view's browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+test: install browser
 	$(PY) -m pytest -q -ra
 
 lint: install
