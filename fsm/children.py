@@ -31,6 +31,7 @@ class Children:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.mount: Child | None = None
+        self.mount_served = False  # the mount became usable (ends after that lose writes)
         self.retired_mounts: list[Child] = []  # handed the mount over to a remount
         self.replicator: Child | None = None
         self.watchers: list[asyncio.Task[None]] = []

@@ -64,6 +64,15 @@ class Claim:
         # (wall time before the sync, replica txid, replica sub-path), oldest first.
         self._samples: deque[tuple[float, int, str]] = deque(maxlen=4096)
         self._sampler: asyncio.Task[None] | None = None
+        self._released = False
+        self._pending: dict[str, Any] = {}  # owed since the lease was taken (_owed)
+
+    @property
+    def previous_clean(self) -> bool:
+        """The bucket held the whole volume when this machine took it: no lease, a new
+        volume, or a clean hand-over (an own lease after an unclean stop is not)."""
+        acquired = self.acquired
+        return acquired is None or acquired.how in ("fresh", "clean")
 
     @property
     def uses_lease(self) -> bool:
@@ -77,32 +86,46 @@ class Claim:
         if not self.uses_lease:
             return
         lease = self._factory(self.config, self.log)
-        acquired = await with_s3(self.config, self.log, "lease",
-                                 lambda: lease.acquire(wait=True, extra=self.extra()))
+        acquired = await with_s3(self.config, self.log, "lease", lambda: lease.acquire(
+            wait=True, extra=self.extra(), pending=self._owed))
         self.lease, self.acquired = lease, acquired
-        journal = self._read_journal()
-        superseded = acquired.previous is not None and not acquired.same_disk
-        self.superseded = superseded or journal is not None
-        if journal is not None:
-            # A takeover here was interrupted: finish it from where it restores.
-            self.takeover = journal
-        elif acquired.takeover and superseded and not await self._anything_replicated():
+        self._hold = asyncio.create_task(lease.hold(self._lost, extra=self.extra))
+        self._pending = self._owed(acquired.how, acquired.previous, acquired.same_disk)
+        # A takeover of ours that a crash interrupted: only while the lease stayed ours.
+        journal = self._read_journal() if acquired.how == "own" else None
+        self.superseded = bool(self._pending.get("superseded")) or journal is not None
+        plan = journal or self._pending.get("takeover")
+        if plan is not None and journal is None and not await self._anything_replicated():
             # The holder died before litestream's first upload: there is no metadata to take
             # over (nothing it wrote is reachable); the start restores nothing and formats.
             self.log.warning("takeover_nothing_replicated",
                              replica=replica_prefix(self.config.volume_name))
-        elif acquired.takeover and superseded:
-            previous = acquired.previous or {}
+            self._pending.pop("takeover", None)
+            plan = None
+        self.takeover = plan
+        if plan is not None:
+            self.log.warning("takeover_planned", **plan)
+
+    def _owed(self, how: str, previous: dict[str, Any] | None,
+              same_disk: bool) -> dict[str, Any]:
+        """What taking the lease this way obliges this machine to do, recorded in the lease
+        with the take itself (a crash before it is done leaves it owed, and the next start
+        here, re-taking its own lease, does it): set the local files aside when another
+        machine held the volume since; take over at its watermark after an unclean loss."""
+        if previous is None:
+            return {}
+        if same_disk:  # ours before: still owed whatever our last start did not finish
+            return dict((previous.get("extra") or {}).get("pending") or {})
+        owed: dict[str, Any] = {"superseded": True}
+        if how == "takeover":
             extra = previous.get("extra") or {}
-            self.takeover = {"watermark": extra.get("watermark") or previous.get("since"),
-                             "watermark_txid": extra.get("watermark_txid"),
-                             "watermark_replica": extra.get("watermark_replica"),
-                             "holder": {k: previous.get(k) for k in
-                                        ("host", "pid", "base_dir", "since")},
-                             "source_subpath": None}
-        if self.takeover is not None:
-            self.log.warning("takeover_planned", **self.takeover)
-        self._hold = asyncio.create_task(lease.hold(self._lost, extra=self.extra))
+            owed["takeover"] = {
+                "watermark": extra.get("watermark") or previous.get("since"),
+                "watermark_txid": extra.get("watermark_txid"),
+                "watermark_replica": extra.get("watermark_replica"),
+                "holder": {k: previous.get(k) for k in ("host", "pid", "base_dir", "since")},
+                "source_subpath": None}
+        return owed
 
     async def _anything_replicated(self) -> bool:
         bucket = s3.Bucket(s3.target_of(self.config), timeout=10.0)
@@ -115,6 +138,7 @@ class Claim:
         fsm.leftovers): set the superseded local files aside."""
         if self.superseded:
             await asyncio.to_thread(self._set_aside_local)
+            self._pending.pop("superseded", None)
 
     async def _lost(self, reason: str) -> None:
         # Fence first, here: the chart may be busy with a long step (a delete runs inside its
@@ -142,6 +166,9 @@ class Claim:
         folder = s3.set_aside(self.layout)
         for path in staged:
             shutil.move(str(path), str(folder / f"rawstaging-{path.parent.name}"))
+        if self.journal_path.exists() and self.acquired and self.acquired.how != "own":
+            # An old takeover of ours, overtaken by another machine's tenure: not to be redone.
+            shutil.move(str(self.journal_path), str(folder / TAKEOVER_JOURNAL))
         self.log.warning("superseded_set_aside", moved_to=str(folder),
                          files=[p.name for p in files], rawstaging=[str(p) for p in staged],
                          reason="another machine held the volume since this one")
@@ -156,6 +183,8 @@ class Claim:
         were staged; none of those is staged any more)."""
         at = watermark(self.layout.cache_dir)
         value: dict[str, Any] = {"watermark": iso(at)}
+        if self._pending:
+            value["pending"] = self._pending
         # No slack here: a file's time is the kernel's coarse clock, never later than the
         # write, so a block staged after a sample can only look older (a sample left out).
         _count, _size, oldest = staged_blocks(self.layout.cache_dir)
@@ -191,12 +220,14 @@ class Claim:
             await self._sample(sync, subpath)
 
     async def _sample(self, sync: Callable[[], Awaitable[str]], subpath: str) -> None:
-        taken = datetime.now(timezone.utc).timestamp()  # before: the sync waits for txids
         try:
             txid = int(await sync())  # litestream prints it in decimal
         except (FsmError, ValueError) as exc:
-            self.log.debug("watermark_sample_failed", error=str(exc))
+            self.log.warning("watermark_sample_failed", error=str(exc))
             return
+        # After the sync returned: every transaction up to txid committed before this time
+        # (one committed between the call and now would otherwise slip past the check).
+        taken = datetime.now(timezone.utc).timestamp()
         self._samples.append((taken, txid, subpath))
 
     async def _stop_sampling(self) -> None:
@@ -225,6 +256,7 @@ class Claim:
         return value if isinstance(value, dict) else None
 
     def takeover_done(self) -> None:
+        self._pending.pop("takeover", None)  # no longer owed from the next refresh on
         with contextlib.suppress(FileNotFoundError):
             self.journal_path.unlink()
 
@@ -235,8 +267,9 @@ class Claim:
         once; otherwise the lease is left to run out (the next machine waits, then takes the
         volume over to the last watermark)."""
         lease = self.lease
-        if lease is None:
-            return
+        if lease is None or self._released:
+            return  # once: a stop after a failure must not turn its unclean release clean
+        self._released = True
         await self._stop_sampling()
         try:
             await lease.release(clean, extra=self.extra() if clean else None)

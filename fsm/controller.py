@@ -97,7 +97,7 @@ class JuiceFS:
         self._shutdown = Shutdown(cfg, juicefs, litestream, self.children, self._time_travel,
                                   self._report, log)
         self._operations = TreeOperations(cfg, juicefs, self.children, self._replication, log)
-        self._claim = Claim(cfg, self._send, log, fence=self.children.kill_all)
+        self._claim = Claim(cfg, self._send, log, fence=self._fence_now)
         self._startup.after_mount = self._claim.after_mount
         self._takeover = Takeover(cfg, litestream, point, self._claim, log)
         self._rollback = Rollback(cfg, juicefs, litestream, self._time_travel, point, copies,
@@ -403,16 +403,22 @@ class JuiceFS:
     # ---- chart actions: stop and failure (fsm.shutdown) -------------------------------------
 
     async def shut_down(self) -> None:
-        self._stop_problems = await self._teardown()
+        self._stop_problems += await self._teardown()
         # Only a stop that left everything in the bucket hands the volume over cleanly.
-        await self._claim.release(clean=not self._stop_problems)
+        await self._claim.release(clean=not self._stop_problems and
+                                  not self._shutdown.data_left)
 
     def fence(self, error: BaseException | None = None) -> None:
         """The lease is lost: another machine may take the volume over from now on. Nothing of
         ours may write to the bucket again: SIGKILL litestream and the mount now (staged blocks
-        stay in rawstaging; the next start here sets them aside if someone else took over)."""
-        killed = self.children.kill_all()
+        stay in rawstaging; the next start here sets them aside if someone else took over),
+        and no stop step may flush or sync (fsm.shutdown)."""
+        killed = self._fence_now()
         self.log.error("fenced", error=str(error), killed=killed)
+
+    def _fence_now(self) -> list[int]:
+        self._shutdown.fenced = True
+        return self.children.kill_all()
 
     async def lose_lease(self, reason: str) -> None:
         """The lease is gone (what fsm.claim's holder sends; tests call it): `lease_lost`."""
@@ -450,9 +456,13 @@ class JuiceFS:
         finally:
             self._settled.set()  # start() must return even if the clean-up itself failed
         if problems:
-            self._stop_problems = problems
             self.log.error("cleanup_incomplete", problems=problems)
-        await self._claim.release(clean=not problems and self._nothing_written())
+            # The failure itself is the report (start()'s StartError, the daemon's exit 4);
+            # stop() still raises for what is left running or mounted.
+            if self._shutdown.left_behind:
+                self._stop_problems = problems
+        await self._claim.release(clean=not problems and not self._shutdown.data_left and
+                                  self._nothing_written())
         self._release_base_dir()
 
     def _nothing_written(self) -> bool:
@@ -463,7 +473,7 @@ class JuiceFS:
         mount = self.children.mount
         return (mount is None or mount.pid is None) and \
             not staged_blocks(self.layout.cache_dir)[0] and \
-            (self._claim.takeover is None or self._takeover.report is not None)
+            self._claim.previous_clean and self._claim.takeover is None
 
     async def _teardown(self) -> list[str]:
         await self.children.unwind_actions()

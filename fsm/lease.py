@@ -22,10 +22,9 @@ import json
 import os
 import secrets
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -37,36 +36,15 @@ from .errors import (
     S3PreconditionFailed,
     S3Unavailable,
 )
+from .holder import Clock, SystemClock, disk_id, pid_alive, read_text
 from .layout import control_key
 from .s3 import REQUEST_TIMEOUT, Bucket, Stored, target_of
 
 LEASE_NAME = "lease.json"
-DISK_ID_FILE = "fsm.lease-id"
 FORMAT_VERSION = 1
 
 How = Literal["fresh", "clean", "own", "takeover"]
-
-
-class Clock(Protocol):
-    def now(self) -> float:
-        """Seconds on a clock that never goes back and keeps counting through suspend."""
-
-    def wall(self) -> datetime: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    def now(self) -> float:
-        # CLOCK_MONOTONIC stops while the machine is suspended; the successor's time does not.
-        return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") \
-            else time.monotonic()
-
-    def wall(self) -> datetime:
-        return datetime.now(timezone.utc)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+Pending = Callable[[str, "dict[str, Any] | None", bool], dict[str, Any]]
 
 
 class LeaseStore(Protocol):
@@ -108,37 +86,6 @@ def default_margin(ttl: float) -> float:
     return min(ttl / 3, max(1.0, ttl / 6))
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
-def disk_id(base_dir: Path) -> str:
-    """A random id kept in base_dir: 'the same disk' survives reboots, not a copy elsewhere."""
-    path = base_dir / DISK_ID_FILE
-    found = _read(path)
-    if found:
-        return found
-    base_dir.mkdir(parents=True, exist_ok=True)
-    new = secrets.token_hex(16)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(new + "\n")
-    return new
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _parse(stored: Stored) -> dict[str, Any]:
     try:
         body = json.loads(stored.body)
@@ -178,6 +125,7 @@ class Lease:
         self._count = 0
         self._since: str | None = None
         self._extra: dict[str, Any] = {}
+        self._pending_for: Pending | None = None
         self._last_ok_send: float | None = None
         self._last_ok_wall: datetime | None = None
         self._first_sent: dict[int, float] = {}  # write serial -> earliest send of an attempt
@@ -239,8 +187,8 @@ class Lease:
     def _body(self, count: int, *, released: bool = False, clean: bool = False) -> dict[str, Any]:
         return {
             "format": FORMAT_VERSION, "volume": self.volume_name, **self._identity(),
-            "machine_id": _read(Path("/etc/machine-id")) or None,
-            "boot_id": _read(Path("/proc/sys/kernel/random/boot_id")) or None,
+            "machine_id": read_text(Path("/etc/machine-id")) or None,
+            "boot_id": read_text(Path("/proc/sys/kernel/random/boot_id")) or None,
             "pid": os.getpid(), "since": self._since,
             "refreshed_at": self.clock.wall().isoformat(), "token": self.token,
             "refreshed_count": count, "ttl": self.ttl, "released": released, "clean": clean,
@@ -254,11 +202,11 @@ class Lease:
         if any(body.get(k) != v for k, v in me.items()):
             return False
         # Belt and braces beside the base_dir lock: a live process of this boot holding it.
-        same_boot = body.get("boot_id") == (_read(Path("/proc/sys/kernel/random/boot_id"))
+        same_boot = body.get("boot_id") == (read_text(Path("/proc/sys/kernel/random/boot_id"))
                                             or None)
         pid = body.get("pid")
         return not (same_boot and isinstance(pid, int) and pid != os.getpid()
-                    and _pid_alive(pid))
+                    and pid_alive(pid))
 
     # ---- writes -----------------------------------------------------------------------------
 
@@ -334,13 +282,16 @@ class Lease:
 
     # ---- acquire ----------------------------------------------------------------------------
 
-    async def acquire(self, *, wait: bool = True,
-                      extra: dict[str, Any] | None = None) -> Acquired:
+    async def acquire(self, *, wait: bool = True, extra: dict[str, Any] | None = None,
+                      pending: Pending | None = None) -> Acquired:
         """Take the lease. A foreign unreleased lease is watched (wait=True) for a full ttl:
         changed -> LeaseHeld (its holder is alive); unchanged -> taken over. wait=False raises
-        LeaseHeld at once. Nothing is written unless the lease is taken."""
+        LeaseHeld at once. Nothing is written unless the lease is taken. `extra` is written
+        with it, and `pending(how, previous, same_disk)` under "pending": work the new holder
+        owes because of how it took the lease, recorded with the take itself."""
         if extra is not None:
-            self._extra = extra  # written with the lease when it is taken
+            self._extra = extra
+        self._pending_for = pending
         started = self.clock.now()
         # The ETag of a foreign lease, when we first saw it (its answer's arrival: the write
         # that made it was applied before that), and its body.
@@ -398,6 +349,10 @@ class Lease:
         async with self._lock:
             self._since = self.clock.wall().isoformat()
             self._lost, self._stopped, self._first_sent = None, False, {}
+            same_disk = previous is not None and self._is_own_disk(previous)
+            owed = self._pending_for(how, previous, same_disk) if self._pending_for else {}
+            self._extra = {**{k: v for k, v in self._extra.items() if k != "pending"},
+                           **({"pending": owed} if owed else {})}
             body = self._body(0)
             if found is None:
                 etag = await self._write(body, create=True)
@@ -405,7 +360,6 @@ class Lease:
                 etag = await self._write(body, if_match=found.etag)
             self._confirm(body, etag)
         waited = round(self.clock.now() - started, 3)
-        same_disk = previous is not None and self._is_own_disk(previous)
         self._event("warning" if how == "takeover" else "info", "lease_acquired", how=how,
                     waited_s=waited, same_disk=same_disk,
                     previous=_holder_text(previous) if previous else None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,8 @@ BUSY_WAIT = 5.0
 BUSY_RETRY = 0.25
 # After hurry(): how long a child gets between SIGTERM and SIGKILL.
 HURRIED_GRACE = 2.0
+# What juicefs says when it writes out its buffers at exit (vfs FlushAll).
+_FLUSHED = re.compile(r"flush buffered data in \S+: (.*?) \[FlushAll")
 # A stop during an S3 outage: how long the bucket check, the plain unmount and litestream get.
 OFFLINE_CHECK = 3.0
 OFFLINE_UNMOUNT = 30.0
@@ -57,6 +60,11 @@ class Shutdown:
         self.offline = False
         self.flush_incomplete = False
         self.unflushed_because = ""
+        # Set by the fence (the lease is lost): nothing of ours may reach the bucket any more.
+        self.fenced = False
+        # Writes that stayed on this machine (staged blocks, unreplicated metadata), said or
+        # not (a hurried stop asked for it): never a clean hand-over of the lease.
+        self.data_left = False
         self.still_mounted = False
         self.left_behind = False  # something of ours still mounted or running after teardown
 
@@ -67,15 +75,20 @@ class Shutdown:
         await self.children.unwind_actions()
         await self.children.cancel_watchers()
         self.left_behind = True  # until shown otherwise below
+        self.flush_incomplete, self.unflushed_because, self.data_left = False, "", False
         problems = await self.browses.close_all()  # browse mounts: owned children too
-        self.offline = await self._s3_unreachable()
+        self.offline = self.fenced or await self._s3_unreachable()
         problems += await self._unmount()
         replicator = self.children.replicator
+        if replicator is not None and not replicator.running and not self.fenced and \
+                not self.config.local_mode:
+            self.data_left = True  # it died before its final sync: the last transactions
         if replicator is not None:
             if self.offline:
+                self.data_left = True
                 problems.append("the last metadata transactions stayed in "
-                                f"{self.layout.metadata_db} (S3 unreachable); the next start "
-                                f"here replicates them")
+                                f"{self.layout.metadata_db} (S3 unreachable or the lease lost); "
+                                f"the next start here replicates them")
                 # litestream's own final sync on SIGTERM cannot reach S3 either.
                 rc = await self.stop_child(replicator, OFFLINE_GRACE)
             else:
@@ -132,12 +145,15 @@ class Shutdown:
                         f"and was killed: what it had not yet written to "
                         f"{self.layout.cache_dir}/*/rawstaging may be lost (is the cache "
                         f"disk full?)")
-        if mount is not None and mount.returncode == -signal.SIGKILL and not unmounted:
-            # Killed while serving (fenced when the lease was lost, or it would not die).
-            problems.append(f"the juicefs mount (pid {mount.pid}) was killed while serving: "
-                            f"what it held in memory is lost; blocks it had staged stay in "
-                            f"{self.layout.cache_dir}/*/rawstaging")
-        if unmounted:
+        if mount is not None and self.children.mount_served and not unmounted and \
+                mount.returncode is not None:
+            # It ended while serving (killed by the fence, or died): what it held is lost.
+            problems.append(f"the juicefs mount (pid {mount.pid}) ended while serving (exit "
+                            f"{mount.returncode}): what it held in memory is lost; blocks it "
+                            f"had staged stay in {self.layout.cache_dir}/*/rawstaging")
+        if mount is not None and mount.pid is not None:
+            if self.unflushed_because and not self.hurried.is_set():
+                problems += self._accepted_written(mount)
             problems += self._not_uploaded()
         for retired in self.children.retired_mounts:
             await self.stop_child(retired, MOUNT_EXIT_GRACE)  # normally exited already
@@ -172,14 +188,28 @@ class Shutdown:
         await best_effort(self.juicefs.force_unmount(), self.log, "unmount_force")
         return []
 
+    def _accepted_written(self, mount: Child) -> list[str]:
+        """After a forced unmount the mount writes out what it had accepted, and says so:
+        `flush buffered data in ...: <nil>`. Anything else (an error, a full cache disk, no
+        such line) means writes programs were told had succeeded may be lost."""
+        said = _FLUSHED.findall(mount.stderr_tail(40))
+        if said and said[-1] == "<nil>":
+            return []
+        self.data_left = True
+        what = f"it reported {said[-1]!r}" if said else "it did not confirm it"
+        return [f"the volume was force-unmounted ({self.unflushed_because}) and the mount could "
+                f"not write out what it had accepted ({what}): recent writes may be lost; the "
+                f"cache disk ({self.layout.cache_dir}) may be full"]
+
     def _not_uploaded(self) -> list[str]:
         """A stop says what it could not upload: blocks still in rawstaging once the mount
         process is gone (after a clean `umount --flush` there are none)."""
         count, size, _oldest = staged_blocks(self.layout.cache_dir)
         if not count:
             return []
-        why = "S3 was unreachable" if self.offline else self.unflushed_because or "the flush " \
-            "did not finish"
+        self.data_left = True
+        why = ("the lease was lost: fenced" if self.fenced else "S3 was unreachable"
+               if self.offline else self.unflushed_because or "the flush did not finish")
         self.log.warning("stop_not_uploaded", blocks=count, bytes=size, reason=why)
         if self.hurried.is_set():
             return []  # asked for (hurry(): a second signal, exit 6), so not a failure
@@ -225,7 +255,7 @@ class Shutdown:
         session to a second `juicefs mount` with --upload-delay 0, which uploads every staged
         block at once. Any failure leaves the plain `umount --flush` to do the job."""
         old = self.children.mount
-        if self.config.effective_upload_delay <= 0 or old is None:
+        if self.config.effective_upload_delay <= 0 or old is None or not old.running:
             return
         started = time.monotonic()
         new = self.juicefs.mount_child(upload_delay=0)
@@ -288,10 +318,12 @@ class Shutdown:
             if await self.unless_hurried(serving_then_sync()):
                 self.log.info("final_sync_done", duration_ms=ms_since(started))
             else:
-                # litestream's own final sync on SIGTERM still runs.
+                # litestream's own final sync on SIGTERM still runs, unconfirmed.
                 self.log.warning("final_sync_skipped", reason="stop hurried")
+                self.data_left = not self.config.local_mode
             return []
         except FsmError as exc:
+            self.data_left = True
             self.log.warning("final_sync_failed", error=str(exc))
             return [f"the final metadata sync failed ({exc}); the local metadata.db has "
                     f"everything, start again to replicate it"]

@@ -224,7 +224,7 @@ class Startup:
             self.log.warning("stale_mount_cleared", mount_point=str(self.layout.mount_point))
             await self.juicefs.lazy_unmount()
         child = self.juicefs.mount_child()
-        self.children.mount = child
+        self.children.mount, self.children.mount_served = child, False
         await child.start()
         self.children.remember()
         replicator = self.children.replicator
@@ -232,6 +232,7 @@ class Startup:
         waits = [self._serving_then_sampled(replicator)] if replicator else []
         seconds, *_ = await together(
             self.juicefs.wait_mounted(child, self.config.ready_timeout), *waits)
+        self.children.mount_served = True
         self.log.info("mounted", mount_point=str(self.layout.mount_point), pid=child.pid,
                       duration_ms=round(seconds * 1000, 1))
         # mkdir through FUSE on a first start, no-ops later. Here, not on entering ready: ready

@@ -102,11 +102,14 @@ class Takeover:
                             latest_at: datetime | None,
                             txid: str | None) -> tuple[Path, datetime | None]:
         if txid:
-            restored = await self.point.restore_checked(
-                at, work / "restored" / "metadata.db", txid=str(txid))
-            self._restored_txid = restored.txid
-            self._restored_txid = restored.txid
-        return restored.db, restored.state_at
+            try:
+                restored = await self.point.restore_checked(
+                    at, work / "restored" / "metadata.db", txid=str(txid))
+            except OutsideWindow:  # that transaction's files are gone: by time, below
+                self.log.warning("takeover_watermark_txid_unavailable", txid=txid)
+            else:
+                self._restored_txid = restored.txid
+                return restored.db, restored.state_at
         # Litestream stamps its files in whole seconds: a file stamped s holds transactions up
         # to s + 1. Restoring to the second before the watermark's takes only files whose
         # every transaction is older than the watermark.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,15 +154,19 @@ class Writer:
         return self.proc.returncode
 
 
+# How a write the full disk refuses ends (rather than waiting): the writer is told.
+REFUSED = re.compile(r"No space left|Input/output error")
+
 async def fill(folder: Path, quiet: float) -> Writer | None:
     """Write until a writer stalls on the full disk (returned, still running). A write refused
-    with ENOSPC instead (seen now and then: honest too) is followed by another writer, to a new
-    file; None if none stalled."""
+    instead (ENOSPC, or EIO when juicefs cannot stage a block: both seen now and then under
+    load; honest too, the writer is told) is followed by another writer, to a new file; None
+    if none stalled."""
     for attempt in range(3):
         writer = Writer(folder / f"big-{attempt}", WRITE_MIB)
         if await writer.stalls(quiet=quiet, timeout=60):
             return writer
-        assert "No space left" in writer.stderr(), f"the writer ended: {writer.proc.returncode}"
+        assert REFUSED.search(writer.stderr()), f"the writer ended: {writer.proc.returncode}"
     return None
 
 
@@ -261,7 +266,7 @@ async def test_room_made_while_writes_wait_lets_them_finish_and_the_stop_is_clea
             if not await writer.stalls(quiet=2, timeout=60):
                 # A write refused (ENOSPC) instead of waiting is honest too: write it again.
                 error = writer.stderr()
-                assert "No space left" in error, f"the writer ended ({writer.proc.returncode})"
+                assert REFUSED.search(error), f"the writer ended ({writer.proc.returncode})"
                 writer = None
             small_disk(GROWN)  # the operator frees space: the waiting writes go on
             await eventually(lambda: jfs.status()["space"]["state"] == "ok", "ok again", 30)
