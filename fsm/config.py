@@ -100,6 +100,15 @@ def install_hint(tool: str) -> str:
     return f"install {tool} (Debian/Ubuntu: apt-get install util-linux coreutils)"
 
 
+def which(name: str) -> str | None:
+    """A program on PATH, else beside the running interpreter (a venv not activated)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
+
+
 def find_binary(name: str, explicit: str | None) -> str:
     """An explicit path, else PATH, else beside the running interpreter (an unactivated venv)."""
     if explicit:
@@ -110,12 +119,9 @@ def find_binary(name: str, explicit: str | None) -> str:
             f"{name} binary {explicit!r} is not an executable file; "
             f"fix {name}_bin or leave it unset to search PATH"
         )
-    found = shutil.which(name)
+    found = which(name)
     if found:
         return found
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
     raise MissingPrerequisite(
         f"the {name} binary was not found on PATH or beside {sys.executable}; "
         f"install it with `{_INSTALL_HINT[name]}` or set {name}_bin"

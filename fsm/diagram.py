@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from statemachine.contrib.diagram.renderers.mermaid import (
 )
 
 from .chart import Lifecycle
+from .config import which
 
 FORMATS = ("mermaid", "dot", "svg", "png")
 TEXT_FORMATS = ("mermaid", "dot")
@@ -230,14 +229,7 @@ GRAPHVIZ_PROGRAMS = ("graphviz-pure", "dot")
 def graphviz_program() -> str | None:
     """The Graphviz program to draw with, on PATH or beside the running interpreter (a venv
     that was not activated); None when there is none."""
-    for name in GRAPHVIZ_PROGRAMS:
-        found = shutil.which(name)
-        if found:
-            return found
-        beside = Path(sys.executable).parent / name
-        if beside.is_file() and os.access(beside, os.X_OK):
-            return str(beside)
-    return None
+    return next((found for name in GRAPHVIZ_PROGRAMS if (found := which(name))), None)
 
 
 def image(fmt: str, highlight: Highlight | None = None) -> bytes:

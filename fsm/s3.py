@@ -12,6 +12,7 @@ otherwise it is moved under set-aside/ (never deleted) and litestream restores t
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
@@ -251,22 +252,14 @@ def _with_region(target: S3Target, exc: BaseException) -> S3Target | None:
 
 def check_bucket_sync(target: S3Target, timeout: float = REQUEST_TIMEOUT) -> str:
     """List the bucket's top level once, as juicefs and litestream will. Returns the region the
-    bucket answered in. Raises S3Unavailable (worth retrying) or S3AccessError (not)."""
-    for _ in range(2):
-        try:
-            obstore.list_with_delimiter(_store(target, timeout), None)
-            return target.region
-        except _OBSTORE_ERRORS as exc:
-            elsewhere = _with_region(target, exc)
-            if elsewhere is None:
-                raise _list_error(target, exc) from None
-            target = elsewhere
-    raise S3AccessError(f"S3 at {target.endpoint} keeps redirecting bucket {target.bucket!r} "
-                        f"between regions; check s3_endpoint_url")
+    bucket answered in. Raises S3Unavailable (worth retrying) or S3AccessError (not). For
+    code with no event loop running (tests, set-up tools)."""
+    return asyncio.run(check_bucket(target, timeout))
 
 
 async def check_bucket(target: S3Target, timeout: float = REQUEST_TIMEOUT) -> str:
-    """check_bucket_sync, without blocking the event loop."""
+    """List the bucket once (as juicefs and litestream will); its region. S3Unavailable is
+    worth retrying, S3AccessError is not."""
     for _ in range(2):
         try:
             await obstore.list_with_delimiter_async(_store(target, timeout), None)
