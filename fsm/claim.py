@@ -61,7 +61,7 @@ class Claim:
         # held the volume since): never uploaded, set aside.
         self.superseded = False
         self._hold: asyncio.Task[None] | None = None
-        # (wall time before the sync, replica txid, replica sub-path), oldest first.
+        # (wall time once the sync returned, replica txid, replica sub-path), oldest first.
         self._samples: deque[tuple[float, int, str]] = deque(maxlen=4096)
         self._sampler: asyncio.Task[None] | None = None
         self._released = False
