@@ -77,6 +77,10 @@ class Shutdown:
         self.left_behind = True  # until shown otherwise below
         self.flush_incomplete, self.unflushed_because, self.data_left = False, "", False
         problems = await self.browses.close_all()  # browse mounts: owned children too
+        if self.fenced and self.children.mount is not None:
+            # Its processes were SIGKILLed: requests programs have in flight would wait for
+            # an answer that never comes. Aborting the connection fails them (ENOTCONN).
+            await self.juicefs.abort_connection()
         self.offline = self.fenced or await self._s3_unreachable()
         problems += await self._unmount()
         replicator = self.children.replicator

@@ -86,6 +86,7 @@ OWNERS: dict[str, frozenset[str]] = {
     "juicefs.is_mounted": TEARDOWN,
     "juicefs.umount": TEARDOWN,
     "juicefs.force_unmount": TEARDOWN,
+    "juicefs.abort_connection": TEARDOWN,
     "juicefs.terminate": TEARDOWN,
     "juicefs.kill": TEARDOWN,
     "litestream.terminate": TEARDOWN,
@@ -315,6 +316,10 @@ class FakeJuiceFS:
 
     async def unstick(self, child: Any) -> None:
         """A fake process never gets stuck while dying (the real case: docs/faults.md)."""
+
+    async def abort_connection(self, mount_point: Any = None) -> None:
+        """After the fence (its processes are already gone): nothing left to end."""
+        self.world.record("juicefs.abort_connection")
 
     async def force_unmount(self) -> None:
         """Aborting the FUSE connection ends the server, busy or not; then it is detached."""
