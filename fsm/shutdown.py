@@ -32,6 +32,7 @@ BUSY_RETRY = 0.25
 HURRIED_GRACE = 2.0
 # What juicefs says when it writes out its buffers at exit (vfs FlushAll).
 _FLUSHED = re.compile(r"flush buffered data in \S+: (.*?) \[FlushAll")
+_NO_SPACE = re.compile(r"no space left on device", re.IGNORECASE)
 # A stop during an S3 outage: how long the bucket check, the plain unmount and litestream get.
 OFFLINE_CHECK = 3.0
 OFFLINE_UNMOUNT = 30.0
@@ -60,6 +61,7 @@ class Shutdown:
         self.offline = False
         self.flush_incomplete = False
         self.unflushed_because = ""
+        self._said_before: set[str] = set()  # the mount's stderr tail when the stop began
         # Set by the fence (the lease is lost): nothing of ours may reach the bucket any more.
         self.fenced = False
         # Writes that stayed on this machine (staged blocks, unreplicated metadata), said or
@@ -76,6 +78,8 @@ class Shutdown:
         await self.children.cancel_watchers()
         self.left_behind = True  # until shown otherwise below
         self.flush_incomplete, self.unflushed_because, self.data_left = False, "", False
+        mount = self.children.mount
+        self._said_before = set(mount.stderr_tail(40).splitlines()) if mount else set()
         problems = await self.browses.close_all()  # browse mounts: owned children too
         if self.fenced and self.children.mount is not None:
             # Its processes were SIGKILLed: requests programs have in flight would wait for
@@ -156,8 +160,8 @@ class Shutdown:
                             f"{mount.returncode}): what it held in memory is lost; blocks it "
                             f"had staged stay in {self.layout.cache_dir}/*/rawstaging")
         if mount is not None and mount.pid is not None:
-            if self.unflushed_because and not self.hurried.is_set():
-                problems += self._accepted_written(mount)
+            if not self.hurried.is_set():
+                problems += self._accepted_written(mount, forced=bool(self.unflushed_because))
             problems += self._not_uploaded()
         for retired in self.children.retired_mounts:
             await self.stop_child(retired, MOUNT_EXIT_GRACE)  # normally exited already
@@ -192,18 +196,25 @@ class Shutdown:
         await best_effort(self.juicefs.force_unmount(), self.log, "unmount_force")
         return []
 
-    def _accepted_written(self, mount: Child) -> list[str]:
-        """After a forced unmount the mount writes out what it had accepted, and says so:
-        `flush buffered data in ...: <nil>`. Anything else (an error, a full cache disk, no
-        such line) means writes programs were told had succeeded may be lost."""
-        said = _FLUSHED.findall(mount.stderr_tail(40))
-        if said and said[-1] == "<nil>":
+    def _accepted_written(self, mount: Child, *, forced: bool) -> list[str]:
+        """At exit the mount writes out what it had accepted, and says so: `flush buffered
+        data in ...: <nil>`. An error there, or a full disk under its writes (seen: writes
+        that waited on a full cache disk, then a clean-looking unmount), or, after a forced
+        unmount, no such line, means writes programs were told had succeeded may be lost."""
+        tail = mount.stderr_tail(40)
+        said = _FLUSHED.findall(tail)
+        # Only what it said while stopping: a full disk earlier may have been freed since.
+        during = "\n".join(line for line in tail.splitlines() if line not in self._said_before)
+        full = _NO_SPACE.search(during)
+        if not full and (said[-1] == "<nil>" if said else not forced):
             return []
         self.data_left = True
-        what = f"it reported {said[-1]!r}" if said else "it did not confirm it"
-        return [f"the volume was force-unmounted ({self.unflushed_because}) and the mount could "
-                f"not write out what it had accepted ({what}): recent writes may be lost; the "
-                f"cache disk ({self.layout.cache_dir}) may be full"]
+        what = (f"it reported {said[-1]!r}" if said and said[-1] != "<nil>" else
+                f"it reported {full.group(0)!r}" if full else "it did not confirm it")
+        how = f"force-unmounted ({self.unflushed_because})" if forced else "unmounted"
+        return [f"the volume was {how} and the mount could not write out everything it had "
+                f"accepted ({what}): recent writes may be lost; is the cache disk "
+                f"({self.layout.cache_dir}) full?"]
 
     def _not_uploaded(self) -> list[str]:
         """A stop says what it could not upload: blocks still in rawstaging once the mount
