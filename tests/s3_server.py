@@ -4,6 +4,7 @@ Fixtures (registered from conftest.py as a pytest plugin):
 - `s3_server`: one server for the whole session (it takes ~1 s to start, ~3 s to stop).
 - `s3_bucket`: a fresh, empty bucket on it for each test.
 - `s3_config`: a Config factory for an S3-mode volume on that bucket under tmp_path.
+- `link`: a FaultyLink (below) in front of that server.
 `S3Server` itself can be started and stopped at will (the outage tests use their own).
 `FaultyLink` is a loopback TCP proxy in front of it that a test can break for one client
 (a network partition, or answers lost after the server applied the request).
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -328,3 +329,14 @@ class FaultyLink:
         finally:
             sink.close()
             other.close()
+
+
+@pytest.fixture
+async def link(s3_server: S3Server) -> AsyncIterator[FaultyLink]:
+    """A FaultyLink in front of the session's S3 server (point s3_endpoint_url at it)."""
+    proxy = FaultyLink(s3_server.s3_port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()

@@ -29,7 +29,7 @@ from fsm.errors import ConfigError
 from fsm.juicefs import S3_READ_BOUND, mount_fstype
 from fsm.s3 import _store, list_keys_sync
 from tests.helpers import capture_events, read_bounded, running, until, wait_until
-from tests.s3_server import FaultyLink, S3Server
+from tests.s3_server import FaultyLink
 
 pytestmark = [pytest.mark.e2e, pytest.mark.s3]
 
@@ -161,16 +161,6 @@ async def machines() -> AsyncIterator[Callable[..., Machine]]:
     finally:
         for machine in started:
             machine.clean_up()
-
-
-@pytest.fixture
-async def link(s3_server: S3Server) -> AsyncIterator[FaultyLink]:
-    proxy = FaultyLink(s3_server.s3_port)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.stop()
 
 
 async def read_all(folder: Path, names: list[str], timeout: float = 60.0

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +69,6 @@ async def body_of(target: S3Target) -> dict[str, Any]:
 @pytest.fixture
 def target(s3_server: S3Server, s3_bucket: str) -> S3Target:
     return s3_server.target(s3_bucket)
-
-
-@pytest.fixture
-async def link(s3_server: S3Server) -> AsyncIterator[FaultyLink]:
-    proxy = FaultyLink(s3_server.s3_port)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.stop()
 
 
 def through(link: FaultyLink, target: S3Target) -> S3Target:
