@@ -30,6 +30,8 @@ from .logs import get_logger
 from .proc import Child, holders, named
 
 UNMOUNT_GRACE = 10.0
+BUSY_SETTLE = 3.0
+BUSY_RETRY = 0.1
 
 
 class Copies:
@@ -59,14 +61,8 @@ class Copies:
         mounted = is_juicefs_mount(mp)
         if mounted:
             try:
-                await self.juicefs.umount_at(mp)
+                await self._umount_when_free(mp, force)
             except ToolError as exc:
-                if "busy" in exc.stderr_tail and not force:
-                    inside = holders(mp, self.own_groups())
-                    raise InUse(
-                        f"{mp} is in use by {named(inside)}; leave it (cd elsewhere, close its "
-                        f"files) and unbrowse again. It stays open; stopping the volume closes "
-                        f"it anyway") from exc
                 self.log.warning("copy_unmount_failed", mount_point=str(mp), error=str(exc))
                 await self.juicefs.abort_connection(mp)
         # Unmounted, juicefs exits by itself; one that never mounted is stopped now.
@@ -82,6 +78,28 @@ class Copies:
         if mount_fstype(mp) is not None:
             return [f"{mp} is still mounted; run `umount -l {mp}`"]
         return []
+
+    async def _umount_when_free(self, mp: Path, force: bool) -> None:
+        """`juicefs umount`, refused with InUse while a program is inside (unless `force`).
+        A busy answer with nobody to name is the mount's own juicefs process touching its
+        mount point for a moment (seen right after a mount): that passes, so it is retried
+        for up to BUSY_SETTLE seconds before the mount counts as in use."""
+        deadline = time.monotonic() + BUSY_SETTLE
+        while True:
+            try:
+                await self.juicefs.umount_at(mp)
+                return
+            except ToolError as exc:
+                if "busy" not in exc.stderr_tail or force:
+                    raise
+                inside = holders(mp, self.own_groups())
+                if inside or time.monotonic() >= deadline:
+                    raise InUse(
+                        f"{mp} is in use by {named(inside)}; leave it (cd elsewhere, close its "
+                        f"files) and unbrowse again. It stays open; stopping the volume closes "
+                        f"it anyway") from exc
+                self.log.debug("copy_unmount_busy_retry", mount_point=str(mp))
+            await asyncio.sleep(BUSY_RETRY)
 
 
 async def _wait_mounted(child: Child, mp: Path, timeout: float) -> None:

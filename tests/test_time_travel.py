@@ -31,6 +31,7 @@ from fsm.errors import (
     OutsideWindow,
     RollbackFailed,
     TimeTravelError,
+    ToolError,
     UnsafeMetadataCopy,
 )
 from fsm.juicefs import mount_fstype, read_format
@@ -289,6 +290,47 @@ async def test_a_shell_in_a_browse_mount_refuses_unbrowse_but_not_stop(
             shell.kill()
             await shell.wait()
     # running() checked that nothing of the volume, browse mount included, is left.
+
+
+
+class _BusyThenFree:
+    """A juicefs adapter whose unmount is refused as busy `busy` times, then succeeds. Fake: a
+    real mount's own juicefs process touches its mount point only for a moment after
+    mounting, which no test can bring about on demand (seen once in CI: unbrowse right after
+    browse was refused as in use by "another process")."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.calls = 0
+
+    async def umount_at(self, mount_point: Path) -> None:
+        self.calls += 1
+        if self.calls <= self.busy:
+            raise ToolError("juicefs", "umount", 1, f"umount: {mount_point}: target is busy.")
+
+    async def abort_connection(self, mount_point: Path | None = None) -> None:
+        raise AssertionError("a read-only copy that comes free is unmounted, not aborted")
+
+
+@pytest.mark.parametrize("outside", [[], [{"pid": 4242, "cmd": "-bash"}]])
+async def test_a_busy_answer_with_nobody_inside_is_waited_out_not_refused(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, outside: list[dict[str, Any]]) -> None:
+    import logging
+
+    from fsm import copies
+    from fsm.proc import Child
+    monkeypatch.setattr(copies, "is_juicefs_mount", lambda mp: tool.calls <= tool.busy)
+    monkeypatch.setattr(copies, "holders", lambda mp, ours: outside)
+    tool = _BusyThenFree(busy=3)
+    sut = copies.Copies(tool, 1.0, list, logging.getLogger("test"))  # type: ignore[arg-type]
+    never_started = Child("juicefs", ["true"], env={}, log=logging.getLogger("test"))
+    if outside:  # a program a person can name: refused at once, naming it
+        with pytest.raises(InUse, match=r"in use by pid 4242 \(-bash\)"):
+            await sut.unmount(never_started, tmp_path, force=False)
+        assert tool.calls == 1
+    else:
+        assert await sut.unmount(never_started, tmp_path, force=False) == []
+        assert tool.calls == 4, "retried until the mount's own touch passed"
 
 
 async def test_a_rollback_is_refused_while_a_program_is_inside_the_volume(
