@@ -266,8 +266,11 @@ class JuiceFSTool:
             name, _, value = line.partition(" ")
             with contextlib.suppress(ValueError):
                 metrics[name] = float(value)
-        return {"blocks": int(metrics.get("juicefs_staging_blocks", 0)),
-                "bytes": int(metrics.get("juicefs_staging_block_bytes", 0)),
+        blocks = int(metrics.get("juicefs_staging_blocks", 0))
+        # juicefs lowers the block count, then the byte count, as two steps: a read between
+        # them shows "0 blocks, 4 MiB". The count is the one that says what is left.
+        return {"blocks": blocks,
+                "bytes": int(metrics.get("juicefs_staging_block_bytes", 0)) if blocks else 0,
                 "writing": int(metrics.get("juicefs_staging_writing_blocks", 0))}
 
     def is_mounted(self) -> bool:
