@@ -1,22 +1,26 @@
-"""Adapter for the `litestream` binary (0.5): config, restore, replicate, sync barrier."""
+"""Adapter for the `litestream` binary (0.5): config, restore, replicate, and the sync barrier
+(asked on the control socket of the running `litestream replicate`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from .config import Config
 from .errors import ToolError
 from .layout import replica_prefix
+from .logs import ms_since
 from .proc import Child, child_env, run
 from .timepoints import snapshot_lines
 
-_TXID = re.compile(r"^txid:\s*(\S+)", re.MULTILINE)
 # Makes litestream 0.5 fail to start its S3 replica ("unable to add custom RootCAs").
 _DROPPED_ENV = ("AWS_CA_BUNDLE",)
 
@@ -32,6 +36,26 @@ def _has_entries(folder: Path) -> bool:
             return next(entries, None) is not None
     except FileNotFoundError:
         return False
+
+
+async def _accepts(sock: Path) -> bool:
+    """True when a process listens on the unix socket `sock`."""
+    try:
+        _reader, writer = await asyncio.open_unix_connection(str(sock))
+    except OSError:  # absent, refused (not listening yet), or gone
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def write_private(path: Path, text: str, *, durable: bool = True) -> None:
@@ -157,10 +181,11 @@ class LitestreamTool:
                      env=self.env, log=self.log, secrets=self.secrets)
 
     async def wait_serving(self, child: Child, timeout: float = 15.0) -> None:
-        """litestream is replicating once its control socket answers."""
+        """litestream is replicating once its control socket accepts a connection (the file
+        appears at bind(), a moment before listen(): a connection then is refused)."""
         deadline = time.monotonic() + timeout
         sock = self.layout.litestream_socket
-        while not sock.exists():
+        while not await _accepts(sock):
             if not child.running:
                 await child.wait()
                 raise ToolError("litestream", "replicate", child.returncode, child.stderr_tail())
@@ -171,12 +196,34 @@ class LitestreamTool:
 
     async def sync(self, timeout: float = 30.0) -> str:
         """Durability barrier: returns once the replica holds the db's current transaction;
-        returns that transaction id (hex, as litestream prints it; "" if it printed none)."""
-        out = await self._run("sync", "sync", "-wait", "-timeout", f"{int(timeout)}",
-                              "-socket", str(self.layout.litestream_socket),
-                              str(self.layout.metadata_db), timeout=timeout + 5, quiet=True)
-        found = _TXID.search(out)
-        return found.group(1) if found else ""
+        returns that transaction id (decimal; "" if litestream gave none). Asked of the
+        running `litestream replicate` on its control socket, the request `litestream sync
+        -wait` sends: that process cost ~20 ms of CPU per barrier, paid by every start (the
+        watermark sample), checkpoint and stop (bench/cross_machine.py)."""
+        sock = self.layout.litestream_socket
+        request = {"path": str(self.layout.metadata_db), "wait": True,
+                   "timeout": max(1, math.ceil(timeout))}
+        started = time.monotonic()
+        try:
+            async with aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=str(sock)),
+                    timeout=aiohttp.ClientTimeout(total=timeout + 5)) as session, \
+                    session.post("http://litestream/sync", json=request) as response:
+                text = await response.text()
+        except asyncio.TimeoutError as exc:
+            raise ToolError("litestream", "sync", None,
+                            f"no answer on {sock} within {timeout + 5:g}s") from exc
+        except aiohttp.ClientError as exc:
+            raise ToolError("litestream", "sync", 1,
+                            f"cannot reach litestream's control socket {sock}: {exc}") from exc
+        answer = _json_object(text)
+        if response.status != 200:
+            raise ToolError("litestream", "sync", 1,
+                            f"HTTP {response.status}: {answer.get('error') or text.strip()}")
+        txid = answer.get("txid")
+        self.log.debug("litestream_synced", txid=txid, replicated_txid=answer.get(
+            "replicated_txid"), status=answer.get("status"), duration_ms=ms_since(started))
+        return str(txid) if isinstance(txid, int) else ""
 
     # ---- time travel (fsm.history, fsm.pointintime) -----------------------------------------
 

@@ -38,7 +38,7 @@ from fsm import (
 )
 from fsm import shutdown as shutdown_module
 from fsm import startup as startup_module
-from fsm.errors import BaseDirInUse, NoSpace
+from fsm.errors import BaseDirInUse, NoSpace, ToolError
 from fsm.juicefs import JuiceFSTool, mount_fstype, remove_handover_files
 from fsm.logs import get_logger
 from fsm.proc import Child, holders
@@ -663,13 +663,20 @@ def test_sigterm_to_the_daemon_during_a_checkpoint_finishes_it_then_exits_0(
 
 async def test_a_checkpoint_whose_replication_fails_says_it_was_made_and_replicates_later(
         local_config: ConfigFactory, tmp_path: Path) -> None:
-    # Fault injection: `litestream sync` fails while a marker exists (the replica unreachable);
-    # replication itself is the real litestream.
+    # Fault injection: the sync barrier fails while a marker exists (the replica unreachable:
+    # a local folder cannot be made unreachable on demand, and litestream would retry it for
+    # the barrier's whole timeout). Replication itself is the real litestream.
     unreachable = tmp_path / "unreachable"
-    failing = _wrap(tmp_path, "litestream", "sync",
-                    f'[ -e {unreachable} ] && {{ echo "replica unreachable" >&2; exit 1; }}')
-    cfg = local_config(litestream_bin=failing)
+    cfg = local_config()
     jfs = JuiceFS(cfg)
+    real_sync = jfs.litestream.sync
+
+    async def failing_sync(timeout: float = 30.0) -> str:
+        if unreachable.exists():
+            raise ToolError("litestream", "sync", 1, "replica unreachable")
+        return await real_sync(timeout)
+
+    jfs.litestream.sync = failing_sync  # type: ignore[method-assign]
     await jfs.start()
     (jfs.active_dir / "f.txt").write_text("in the checkpoint\n")
     unreachable.touch()
