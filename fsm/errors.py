@@ -98,7 +98,7 @@ class CheckpointNotFound(CheckpointError):
 
 
 class NotReplicated(CheckpointError):
-    """A checkpoint or restore is done on the volume, but `litestream sync` could not confirm
+    """A checkpoint or restore is done on the volume, but the sync barrier could not confirm
     that the replica has it. It is in the local metadata.db and is replicated once Litestream
     answers again; `.checkpoint` is the operation's result (do not repeat the operation)."""
 

@@ -1,5 +1,6 @@
 """Keeping litestream running: spawn it, watch it, restart it within a budget, and the
-durability barrier (`litestream sync -wait`) the operations wait on.
+durability barrier (`litestream sync -wait`, asked on litestream's control socket) the
+operations wait on.
 
 litestream exiting is survivable: while the restart budget lasts (replication_restarts within
 replication_restart_window seconds) the chart schedules a restart with backoff and the volume
