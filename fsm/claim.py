@@ -221,7 +221,7 @@ class Claim:
 
     async def _sample(self, sync: Callable[[], Awaitable[str]], subpath: str) -> None:
         try:
-            txid = int(await sync())  # litestream prints it in decimal
+            txid = int(await sync())  # litestream's JSON integer, as decimal text
         except (FsmError, ValueError) as exc:
             self.log.warning("watermark_sample_failed", error=str(exc))
             return

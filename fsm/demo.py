@@ -40,7 +40,7 @@ async def walk(base_dir: Path) -> None:
         (jfs.active_dir / "notes").mkdir()
         (jfs.active_dir / "notes" / "todo.md").write_text("- try juicefs-fsm\n")
 
-        _say("checkpoint('first'): juicefs clone --preserve, then litestream sync -wait")
+        _say("checkpoint('first'): juicefs clone --preserve, then the sync -wait barrier")
         cp = await jfs.checkpoint("first")
         print(f"    checkpoint {cp.id} at {cp.path} ({cp.created_at:%H:%M:%S})")
 

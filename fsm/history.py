@@ -171,7 +171,7 @@ class TimeTravel:
         return await self.point.window()
 
     async def sync(self) -> None:
-        # The replica gets the latest transactions (~20 ms), so "now" restores now.
+        # The replica gets the latest transactions (a few ms), so "now" restores now.
         if self.replicating():
             await self.litestream.sync()
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import io
 import json
 import math
 import os
 import time
 from pathlib import Path
 from typing import Any
-
-import aiohttp
 
 from .config import Config
 from .errors import ToolError
@@ -23,6 +23,8 @@ from .timepoints import snapshot_lines
 
 # Makes litestream 0.5 fail to start its S3 replica ("unable to add custom RootCAs").
 _DROPPED_ENV = ("AWS_CA_BUNDLE",)
+# The sync barrier's answer may take litestream's own timeout; this long more, and it is late.
+SYNC_MARGIN = 5.0
 
 
 def _q(value: str) -> str:
@@ -48,6 +50,40 @@ async def _accepts(sock: Path) -> bool:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return True
+
+
+class _Received:
+    """A whole HTTP answer, as http.client.HTTPResponse reads one from a socket."""
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+
+    def makefile(self, *_args: Any, **_kwargs: Any) -> io.BytesIO:
+        return io.BytesIO(self._raw)
+
+
+async def _post(sock: Path, path: str, payload: dict[str, Any]) -> tuple[int, str]:
+    """POST `payload` as JSON to `path` of the HTTP server on the unix socket `sock`:
+    (status, body). asyncio carries it (cancellable, no thread); the standard library's
+    http.client parses the answer (Content-Length or chunked). `Connection: close`: the
+    answer ends where the stream does. An HTTP client library costs this process ~100 ms of
+    import and ~10 MiB for one request per barrier."""
+    body = json.dumps(payload).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: litestream\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    response = http.client.HTTPResponse(_Received(raw))  # type: ignore[arg-type]
+    response.begin()
+    return response.status, response.read().decode(errors="replace")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -198,28 +234,25 @@ class LitestreamTool:
         """Durability barrier: returns once the replica holds the db's current transaction;
         returns that transaction id (decimal; "" if litestream gave none). Asked of the
         running `litestream replicate` on its control socket, the request `litestream sync
-        -wait` sends: that process cost ~20 ms of CPU per barrier, paid by every start (the
-        watermark sample), checkpoint and stop (bench/cross_machine.py)."""
+        -wait` sends: that process cost ~30 ms per barrier on 2 busy cores, paid by every
+        start (the watermark sample), checkpoint and stop (bench/, BENCHMARKS.md)."""
         sock = self.layout.litestream_socket
         request = {"path": str(self.layout.metadata_db), "wait": True,
                    "timeout": max(1, math.ceil(timeout))}
         started = time.monotonic()
         try:
-            async with aiohttp.ClientSession(
-                    connector=aiohttp.UnixConnector(path=str(sock)),
-                    timeout=aiohttp.ClientTimeout(total=timeout + 5)) as session, \
-                    session.post("http://litestream/sync", json=request) as response:
-                text = await response.text()
+            status, text = await asyncio.wait_for(_post(sock, "/sync", request),
+                                                  timeout + SYNC_MARGIN)
         except asyncio.TimeoutError as exc:
             raise ToolError("litestream", "sync", None,
-                            f"no answer on {sock} within {timeout + 5:g}s") from exc
-        except aiohttp.ClientError as exc:
+                            f"no answer on {sock} within {timeout + SYNC_MARGIN:g}s") from exc
+        except (OSError, http.client.HTTPException) as exc:
             raise ToolError("litestream", "sync", 1,
-                            f"cannot reach litestream's control socket {sock}: {exc}") from exc
+                            f"cannot reach litestream's control socket {sock}: {exc!r}") from exc
         answer = _json_object(text)
-        if response.status != 200:
+        if status != 200:
             raise ToolError("litestream", "sync", 1,
-                            f"HTTP {response.status}: {answer.get('error') or text.strip()}")
+                            f"HTTP {status}: {answer.get('error') or text.strip()}")
         txid = answer.get("txid")
         self.log.debug("litestream_synced", txid=txid, replicated_txid=answer.get(
             "replicated_txid"), status=answer.get("status"), duration_ms=ms_since(started))

@@ -116,9 +116,9 @@ class Replication:
     # ---- the durability barrier ------------------------------------------------------------
 
     async def sync(self) -> str:
-        """`litestream sync -wait`, after a restart in progress (bounded wait; the sync then
-        reports a litestream that is still not back). A shared metadata engine commits each
-        change durably itself: nothing to wait for."""
+        """The `litestream sync -wait` barrier (fsm.litestream), after a restart in progress
+        (bounded wait; the sync then reports a litestream that is still not back). A shared
+        metadata engine commits each change durably itself: nothing to wait for."""
         if self.config.meta_url:
             return ""
         with contextlib.suppress(asyncio.TimeoutError):

@@ -30,6 +30,8 @@ BUSY_WAIT = 5.0
 BUSY_RETRY = 0.25
 # After hurry(): how long a child gets between SIGTERM and SIGKILL.
 HURRIED_GRACE = 2.0
+# How long the remounted juicefs may report nothing staged while the disk still holds blocks.
+ZERO_SETTLE = 1.0
 # What juicefs says when it writes out its buffers at exit (vfs FlushAll).
 _FLUSHED = re.compile(r"flush buffered data in \S+: (.*?) \[FlushAll")
 _NO_SPACE = re.compile(r"no space left on device", re.IGNORECASE)
@@ -294,10 +296,19 @@ class Shutdown:
         """Until no block is staged (bounded by flush_timeout); progress as events."""
         last: dict[str, int] = {}
         logged = 0.0
+        zero_since: float | None = None
         while True:
             left = await self.juicefs.staging()
             now = time.monotonic()
             done = left["blocks"] == 0 and left["writing"] == 0
+            zero_since = (zero_since or now) if done else None
+            if done and zero_since is not None and now - zero_since < ZERO_SETTLE:
+                # The remounted juicefs scans its staging folder in the background: its first
+                # readings may say 0 before the scan counted what is there. The disk says; a
+                # file it will never upload (a leftover) costs ZERO_SETTLE, not flush_timeout.
+                staged, _size, _oldest = await asyncio.to_thread(
+                    staged_blocks, self.layout.cache_dir)
+                done = staged == 0
             if done or (left != last and now - logged >= 0.5) or now - logged >= 5:
                 self.log.info("flush_progress", blocks_left=left["blocks"],
                               bytes_left=left["bytes"], blocks_writing=left["writing"],

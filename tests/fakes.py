@@ -371,12 +371,13 @@ class FakeLitestream:
             raise _fail("litestream", "replicate", child.stderr_tail(), child.returncode)
         self.world.replica_has_data = self.world.formatted
 
-    async def sync(self, timeout: float = 30.0) -> None:
+    async def sync(self, timeout: float = 30.0) -> str:
         message = await self.world.step("litestream.sync")
         if message:
             raise _fail("litestream", "sync", message)
         if self.replicator is None or not self.replicator.running:
             raise _fail("litestream", "sync", "no litestream server is running", None)
+        return ""  # the real one: the txid as decimal text
 
 
 def fake_takeover(world: World, layout: Any) -> Callable[[], Coroutine[Any, Any, None]]:

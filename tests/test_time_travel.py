@@ -292,7 +292,6 @@ async def test_a_shell_in_a_browse_mount_refuses_unbrowse_but_not_stop(
     # running() checked that nothing of the volume, browse mount included, is left.
 
 
-
 class _BusyThenFree:
     """A juicefs adapter whose unmount is refused as busy `busy` times, then succeeds. Fake: a
     real mount's own juicefs process touches its mount point only for a moment after
@@ -302,6 +301,7 @@ class _BusyThenFree:
     def __init__(self, busy: int) -> None:
         self.busy = busy
         self.calls = 0
+        self.aborted = 0
 
     async def umount_at(self, mount_point: Path) -> None:
         self.calls += 1
@@ -309,28 +309,45 @@ class _BusyThenFree:
             raise ToolError("juicefs", "umount", 1, f"umount: {mount_point}: target is busy.")
 
     async def abort_connection(self, mount_point: Path | None = None) -> None:
-        raise AssertionError("a read-only copy that comes free is unmounted, not aborted")
+        self.aborted += 1
+        self.busy = 0  # the aborted connection ends the mount
 
 
-@pytest.mark.parametrize("outside", [[], [{"pid": 4242, "cmd": "-bash"}]])
-async def test_a_busy_answer_with_nobody_inside_is_waited_out_not_refused(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, outside: list[dict[str, Any]]) -> None:
-    import logging
-
+@pytest.mark.parametrize(("busy", "outside", "force", "outcome"), [
+    # Our own juicefs touching its mount point for a moment: waited out, unmounted cleanly.
+    (3, [], False, "unmounted after 4 tries"),
+    # A program a person can name: refused at once, naming it; the mount stays.
+    (3, [{"pid": 4242, "cmd": "-bash"}], False, "InUse: in use by pid 4242 (-bash)"),
+    # Busy past the settle time with nobody to name: refused all the same.
+    (1000, [], False, "InUse: in use by another process"),
+    # A stop does not wait for anyone: the connection is aborted.
+    (1000, [{"pid": 4242, "cmd": "-bash"}], True, "aborted after 1 try"),
+])
+async def test_a_busy_browse_mount_is_waited_out_only_while_nobody_is_inside(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, busy: int,
+        outside: list[dict[str, Any]], force: bool, outcome: str) -> None:
     from fsm import copies
+    from fsm.logs import get_logger
     from fsm.proc import Child
+    tool = _BusyThenFree(busy)
     monkeypatch.setattr(copies, "is_juicefs_mount", lambda mp: tool.calls <= tool.busy)
     monkeypatch.setattr(copies, "holders", lambda mp, ours: outside)
-    tool = _BusyThenFree(busy=3)
-    sut = copies.Copies(tool, 1.0, list, logging.getLogger("test"))  # type: ignore[arg-type]
-    never_started = Child("juicefs", ["true"], env={}, log=logging.getLogger("test"))
-    if outside:  # a program a person can name: refused at once, naming it
-        with pytest.raises(InUse, match=r"in use by pid 4242 \(-bash\)"):
-            await sut.unmount(never_started, tmp_path, force=False)
-        assert tool.calls == 1
+    monkeypatch.setattr(copies, "BUSY_SETTLE", 0.5)
+    sut = copies.Copies(tool, 1.0, list, get_logger())  # type: ignore[arg-type]
+    never_started = Child("juicefs", ["true"], env={}, log=get_logger())
+    started = time.monotonic()
+    try:
+        problems = await sut.unmount(never_started, tmp_path, force=force)
+    except InUse as exc:
+        got = f"InUse: {exc}"
     else:
-        assert await sut.unmount(never_started, tmp_path, force=False) == []
-        assert tool.calls == 4, "retried until the mount's own touch passed"
+        assert problems == []
+        got = (f"aborted after {tool.calls} try" if tool.aborted else
+               f"unmounted after {tool.calls} tries")
+    kind, _, words = outcome.partition(": ")
+    assert got.startswith(kind) and words in got if words else got == outcome, got
+    if busy == 1000 and not outside:
+        assert time.monotonic() - started >= 0.5, "refused only after the settle time"
 
 
 async def test_a_rollback_is_refused_while_a_program_is_inside_the_volume(
