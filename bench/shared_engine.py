@@ -28,44 +28,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests.db_servers: the PostgreSQL the tests start
+sys.path.insert(0, str(HERE))
+from run import say, timed, write_seed  # noqa: E402  the main bench's helpers, beside this
 
 from fsm import Config, JuiceFS  # noqa: E402
 from fsm.migrate import migrate_metadata  # noqa: E402
 from tests.db_servers import PostgresServer, postgres_bindir  # noqa: E402
 
 VOLUME = "bench-volume"
-SEED_DIRS, SEED_FILES = 10, 100  # 1k files of 100 bytes
 SIZES = (1_000, 10_000)
 ENGINES = ("sqlite", "postgres")
 
 
-def say(*parts: Any) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-async def timed(step: Callable[[], Awaitable[Any]]) -> float:
-    started = time.perf_counter()
-    await step()
-    return time.perf_counter() - started
-
-
 def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, timeout=600)
-
-
-def write_seed(root: Path) -> None:
-    for d in range(SEED_DIRS):
-        sub = root / f"d{d:02d}"
-        sub.mkdir(parents=True)
-        for f in range(SEED_FILES):
-            (sub / f"f{f:03d}").write_bytes(b"x" * 100)
 
 
 def grow(jfs: JuiceFS, size: int, have: int) -> int:

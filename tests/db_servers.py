@@ -34,10 +34,9 @@ from typing import Any
 import pytest
 
 from tests.helpers import require
-from tests.s3_server import free_port
+from tests.s3_server import free_port, stop_group
 
 BOOT_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
 PG_USER = "fsm-test"  # the system user postgres runs as when the tests run as root
 
 
@@ -79,20 +78,6 @@ def _unprivileged_user() -> pwd.struct_passwd | None:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
                         "/usr/sbin/nologin", PG_USER], check=True, capture_output=True)
         return pwd.getpwnam(PG_USER)
-
-
-def _stop_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    """Stop a server that leads its own process group: `sig`, then SIGKILL after a bound."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    with contextlib.suppress(ProcessLookupError):  # postgres's backends, if any outlived it
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 class PostgresServer:
@@ -208,7 +193,7 @@ class PostgresServer:
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
-            _stop_group(proc, signal.SIGINT)  # SIGINT: postgres's fast shutdown
+            stop_group(proc, signal.SIGINT)  # SIGINT: postgres's fast shutdown
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log_tail(self, lines: int = 20) -> str:
@@ -265,7 +250,7 @@ class RedisServer:
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
-            _stop_group(proc, signal.SIGTERM)
+            stop_group(proc, signal.SIGTERM)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log_tail(self, lines: int = 20) -> str:

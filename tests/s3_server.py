@@ -67,6 +67,21 @@ def free_port() -> int:
         return port
 
 
+def stop_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Stop a server that leads its own process group: `sig`, then SIGKILL after
+    STOP_TIMEOUT; then SIGKILL whatever else is left in the group (a worker, a backend)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _admin_port() -> int:
     # weed's worker dials the admin gRPC port as admin HTTP port + 10000, whatever
     # -admin.port.grpc says: choose a pair that is free.
@@ -168,17 +183,7 @@ class S3Server:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        # Anything else left in its group (weed mini runs in one process; be sure).
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGTERM)
         shutil.rmtree(self._scratch, ignore_errors=True)
 
     @property
